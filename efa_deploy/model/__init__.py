@@ -1,0 +1,14 @@
+from .config import ModelConfig
+from .efa import EuclideanFastAttention
+from .energy import EnergyModel, build_model, energy_and_forces
+from .lebedev import SAFE_B_MAX, lebedev_grid
+
+__all__ = [
+    "EnergyModel",
+    "EuclideanFastAttention",
+    "ModelConfig",
+    "SAFE_B_MAX",
+    "build_model",
+    "energy_and_forces",
+    "lebedev_grid",
+]

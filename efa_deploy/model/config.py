@@ -1,0 +1,52 @@
+"""Hyperparameters of the energy model, serialisable to checkpoints and model files."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .lebedev import safe_b_max
+
+
+@dataclass
+class ModelConfig:
+    atomic_numbers: list[int]  # elements the model knows, in model order
+    features: int = 64
+    num_layers: int = 2
+    cutoff: float = 5.0  # local message-passing cutoff, Angstrom
+    num_radial: int = 16
+    use_efa: bool = True  # EFA on every layer; False gives the local baseline
+    grid_points: int = 50
+    r_max: float = 15.0  # largest extent EFA resolves, Angstrom
+    b_max: float | None = None  # None: the grid's safe value (SAFE_B_MAX)
+    num_frequencies: int = 8  # K scalar query/key channel pairs (D = 2K)
+    num_vector_frequencies: int = 0  # channel pairs of l = 1 queries/keys
+    value_dim: int = 16  # Dv
+    qk_activation: str = "identity"  # "identity" or "silu"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.atomic_numbers:
+            raise ValueError("ModelConfig.atomic_numbers is empty: a model needs at least one element")
+        if len(set(self.atomic_numbers)) != len(self.atomic_numbers):
+            raise ValueError(f"ModelConfig.atomic_numbers has duplicates: {self.atomic_numbers}")
+        if self.qk_activation not in ("identity", "silu"):
+            raise ValueError(f"qk_activation must be 'identity' or 'silu', not {self.qk_activation!r}")
+        if self.b_max is None and self.use_efa:
+            self.b_max = safe_b_max(self.grid_points)
+
+    @property
+    def periodic(self) -> bool:
+        """The global term is not periodic: only local models handle periodic cells."""
+        return not self.use_efa
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model settings: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,123 @@
+"""The EFA energy model: species embedding, layers of local message passing plus EFA,
+per-atom energy readout with per-element shifts; forces by autograd."""
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .efa import EuclideanFastAttention
+from .local import Message, RadialBasis, Update, mlp
+
+
+class GlobalUpdate(nn.Module):
+    """MLP_global(x + Dense(EFA(x)))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        f = config.features
+        self.efa = EuclideanFastAttention(
+            f,
+            num_frequencies=config.num_frequencies,
+            value_dim=config.value_dim,
+            grid_points=config.grid_points,
+            r_max=config.r_max,
+            b_max=float(config.b_max),
+            num_vector_frequencies=config.num_vector_frequencies,
+            qk_activation=config.qk_activation,
+        )
+        self.dense = nn.Linear(config.value_dim, f)
+        self.mlp = mlp(f, f, f, zero_last=True)
+
+    def forward(
+        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
+    ) -> Tensor:
+        return self.mlp(x + self.dense(self.efa(x, vec, positions, batch, n_structures, owned)))
+
+
+class NoGlobalUpdate(nn.Module):
+    """The local baseline: same signature, no global term."""
+
+    def forward(
+        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
+    ) -> Tensor:
+        return torch.zeros_like(x)
+
+
+class InteractionLayer(nn.Module):
+    """x <- x + MLP_local(x + MP(x)) + MLP_global(x + Dense(EFA(x)))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        f = config.features
+        self.message = Message(f, config.num_radial)
+        self.update = Update(f)
+        self.local_mlp = mlp(f, f, f, zero_last=True)
+        self.global_update = GlobalUpdate(config) if config.use_efa else NoGlobalUpdate()
+
+    def forward(
+        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor,
+        sender: Tensor, receiver: Tensor, rbf: Tensor, envelope: Tensor, unit: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        dx, dv = self.message(x, vec, sender, receiver, rbf, envelope, unit)
+        x_local = x + dx
+        vec = vec + dv
+        du, dvu = self.update(x_local, vec)
+        vec = vec + dvu
+        x_global = self.global_update(x, vec, positions, batch, n_structures, owned)
+        return x + self.local_mlp(x_local + du) + x_global, vec
+
+
+class EnergyModel(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.features = config.features
+        self.cutoff = float(config.cutoff)
+        self.embedding = nn.Embedding(len(config.atomic_numbers), config.features)
+        self.radial = RadialBasis(config.num_radial, config.cutoff)
+        self.layers = nn.ModuleList([InteractionLayer(config) for _ in range(config.num_layers)])
+        self.readout = mlp(config.features, config.features, 1)
+        self.register_buffer("energy_shift", torch.zeros(len(config.atomic_numbers), dtype=torch.float64))
+
+    def forward(
+        self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+        batch: Tensor, n_structures: int, owned: Tensor,
+    ) -> Tensor:
+        """Per-atom energies (N,), zero for atoms that are not owned (ghosts, padding).
+
+        edge_index[0] sends to edge_index[1]; the edge vector is
+        positions[sender] - positions[receiver] + edge_shift.
+        """
+        sender, receiver = edge_index[0], edge_index[1]
+        d = positions[sender] - positions[receiver] + edge_shift
+        r = torch.sqrt(torch.sum(d * d, dim=1))
+        unit = d / r.unsqueeze(1)
+        rbf, envelope = self.radial(r)
+        n = positions.shape[0]
+        x = self.embedding(species)
+        vec = torch.zeros(n, 3, self.features, dtype=x.dtype, device=x.device)
+        last = len(self.layers) - 1
+        for t, layer in enumerate(self.layers):
+            x, vec = layer(x, vec, positions, batch, n_structures, owned, sender, receiver, rbf, envelope, unit)
+            if t < last:  # ghosts take their owners' features (identity outside LAMMPS)
+                synced = torch.ops.efa.forward_ghosts(torch.cat([x, vec.reshape(n, -1)], dim=1))
+                x = synced[:, : self.features]
+                vec = synced[:, self.features :].reshape(n, 3, self.features)
+        energy = self.readout(x).squeeze(1) + self.energy_shift.to(x.dtype)[species]
+        return energy * owned
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype = torch.float64) -> EnergyModel:
+    return EnergyModel(config).to(dtype)
+
+
+def energy_and_forces(
+    model: nn.Module, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+    batch: Tensor, n_structures: int, owned: Tensor, create_graph: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Energy per structure (B,), forces (N, 3) and per-atom energies (N,)."""
+    if not positions.requires_grad:
+        positions = positions.detach().requires_grad_(True)
+    atomic = model(positions, species, edge_index, edge_shift, batch, n_structures, owned)
+    energy = torch.zeros(n_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch, atomic)
+    (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph)
+    return energy, -grad, atomic

@@ -1,0 +1,67 @@
+"""Local equivariant message passing (PaiNN-like): scalar and vector features, a radial
+basis with a smooth cosine cutoff."""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class RadialBasis(nn.Module):
+    """sin(n pi r / rc) / r times a cosine cutoff whose value and slope vanish at rc."""
+
+    def __init__(self, num_radial: int, cutoff: float):
+        super().__init__()
+        self.cutoff = cutoff
+        self.register_buffer("n_pi", math.pi * torch.arange(1, num_radial + 1, dtype=torch.float64) / cutoff)
+
+    def forward(self, r: Tensor) -> tuple[Tensor, Tensor]:
+        r = r.unsqueeze(-1)
+        envelope = 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0) * (r < self.cutoff).to(r.dtype)
+        return torch.sin(self.n_pi * r) / r, envelope
+
+
+def mlp(n_in: int, n_hidden: int, n_out: int, zero_last: bool = False) -> nn.Sequential:
+    last = nn.Linear(n_hidden, n_out)
+    if zero_last:  # the block starts as the identity
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return nn.Sequential(nn.Linear(n_in, n_hidden), nn.SiLU(), last)
+
+
+class Message(nn.Module):
+    """Scalar and vector updates from neighbours j of receiver i (edge = (j, i))."""
+
+    def __init__(self, features: int, num_radial: int):
+        super().__init__()
+        self.features = features
+        self.filter_net = mlp(features, features, 3 * features)
+        self.radial = nn.Linear(num_radial, 3 * features)
+
+    def forward(
+        self, x: Tensor, vec: Tensor, sender: Tensor, receiver: Tensor, rbf: Tensor, envelope: Tensor, unit: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        m = self.filter_net(x)[sender] * self.radial(rbf) * envelope
+        ds, dvv, dvs = torch.split(m, self.features, dim=1)
+        dv_edge = vec[sender] * dvv.unsqueeze(1) + dvs.unsqueeze(1) * unit.unsqueeze(2)
+        dx = torch.zeros_like(x).index_add(0, receiver, ds)
+        dv = torch.zeros_like(vec).index_add(0, receiver, dv_edge)
+        return dx, dv
+
+
+class Update(nn.Module):
+    """Per-atom mixing of scalars and vectors (PaiNN update block)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.features = features
+        self.u = nn.Linear(features, features, bias=False)
+        self.v = nn.Linear(features, features, bias=False)
+        self.mix = mlp(2 * features, features, 3 * features)
+
+    def forward(self, x: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
+        uv = self.u(vec)
+        vv = self.v(vec)
+        norm = torch.sqrt(torch.sum(vv * vv, dim=1) + 1e-8)
+        a_vv, a_sv, a_ss = torch.split(self.mix(torch.cat([x, norm], dim=1)), self.features, dim=1)
+        return a_ss + a_sv * torch.sum(uv * vv, dim=1), a_vv.unsqueeze(1) * uv
