@@ -75,3 +75,12 @@ def batch_graph(structures: Sequence, atomic_numbers: Sequence[int], cutoff: flo
         n_structures=len(structures),
         owned=torch.ones(n, dtype=dtype),
     )
+
+
+def system_extent(positions: np.ndarray) -> float:
+    """Diagonal of the axis-aligned bounding box: an upper bound on every interatomic
+    distance, O(N), and the same measure the LAMMPS plugin reduces across ranks."""
+    positions = np.asarray(positions, dtype=np.float64)
+    if len(positions) == 0:
+        return 0.0
+    return float(np.linalg.norm(positions.max(axis=0) - positions.min(axis=0)))
