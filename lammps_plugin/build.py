@@ -47,6 +47,7 @@ def build(out_dir: Path, build_dir: Path, jobs: int = 2) -> list[Path]:
     configure = [
         "cmake", "-S", str(HERE), "-B", str(build_dir),
         "-DCMAKE_BUILD_TYPE=Release",
+        "-DEFA_BUILD_PLUGIN=ON",
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         f"-DLAMMPS_INCLUDE_DIR={_lammps_include_dir()}",
         f"-DMPI_CXX_COMPILER={_mpicxx()}",

@@ -1,0 +1,1 @@
+"""Console scripts: efa-train, efa-export (and efa-md)."""

@@ -1,0 +1,203 @@
+"""Training data: read structures with reference energies and forces, split them, batch them.
+
+Formats: the npz layout of ../shared/datasets (keys positions, atomic_numbers, energy, forces,
+optional node_mask for padding) and anything ase.io reads that carries energies and forces
+(extxyz, ASE db, ...). Structures become ase.Atoms with a SinglePointCalculator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from .graph import Graph, batch_graph, species_index
+
+NPZ_REQUIRED = ("positions", "atomic_numbers", "energy", "forces")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes: identifies the training data in checkpoints and model files."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_structures(path: str | Path, index: str = ":") -> list[Atoms]:
+    """Every structure of a data file, each with its reference energy and forces."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    structures = _read_npz(path) if path.suffix == ".npz" else _read_ase(path, index)
+    if not structures:
+        raise ValueError(f"{path} holds no structures")
+    for i, atoms in enumerate(structures):
+        _check_structure(atoms, f"{path}: structure {i}")
+    return structures
+
+
+def _read_npz(path: Path) -> list[Atoms]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_REQUIRED if k not in npz.files]
+            if missing:
+                raise ValueError(
+                    f"{path} lacks the key(s) {', '.join(missing)}; an npz data file needs "
+                    f"{', '.join(NPZ_REQUIRED)} (and optionally node_mask): training needs energies and forces"
+                )
+            arrays = {k: npz[k] for k in (*NPZ_REQUIRED, "node_mask") if k in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+        raise ValueError(f"{path} is not a readable npz file (truncated or corrupt?): {err}") from None
+    except ValueError as err:
+        if "lacks the key" in str(err):
+            raise
+        raise ValueError(f"{path} is not a readable npz file (truncated or corrupt?): {err}") from None
+    pos, numbers, energy, forces = (arrays[k] for k in NPZ_REQUIRED)
+    s = len(pos)
+    if pos.ndim != 3 or pos.shape[2] != 3 or numbers.shape != pos.shape[:2] or forces.shape != pos.shape:
+        raise ValueError(
+            f"{path}: inconsistent shapes positions {pos.shape}, atomic_numbers {numbers.shape}, "
+            f"forces {forces.shape}; expected (S, N, 3), (S, N), (S, N, 3)"
+        )
+    if energy.reshape(-1).shape != (s,):
+        raise ValueError(f"{path}: energy has shape {energy.shape}, expected ({s},)")
+    mask = arrays.get("node_mask", np.ones(numbers.shape, dtype=bool)).astype(bool)
+    if mask.shape != numbers.shape:
+        raise ValueError(f"{path}: node_mask has shape {mask.shape}, expected {numbers.shape}")
+    energy = energy.reshape(-1).astype(np.float64)
+    if not np.all(np.isfinite(numbers[mask])) or np.any(numbers[mask] != np.round(numbers[mask])):
+        raise ValueError(f"{path}: atomic_numbers must be whole numbers")
+    structures = []
+    for k in range(s):
+        m = mask[k]
+        atoms = Atoms(numbers=numbers[k, m].astype(np.int64), positions=pos[k, m].astype(np.float64))
+        atoms.calc = SinglePointCalculator(atoms, energy=float(energy[k]), forces=forces[k, m].astype(np.float64))
+        structures.append(atoms)
+    return structures
+
+
+def _read_ase(path: Path, index: str) -> list[Atoms]:
+    import ase.io
+
+    try:
+        structures = ase.io.read(path, index=index)
+    except Exception as err:  # ase raises many kinds for truncated or foreign files
+        raise ValueError(f"{path} could not be read by ase.io (truncated, corrupt or unknown format?): "
+                         f"{type(err).__name__}: {err}") from None
+    return list(structures) if isinstance(structures, list) else [structures]
+
+
+def _check_structure(atoms: Atoms, where: str) -> None:
+    if len(atoms) == 0:
+        raise ValueError(f"{where} has no atoms")
+    if atoms.calc is None:
+        raise ValueError(f"{where} has no energy or forces; training needs both")
+    results = atoms.calc.results
+    for name in ("energy", "forces"):
+        if results.get(name) is None:
+            raise ValueError(f"{where} has no {name}; training needs energies and forces")
+    if not np.all(np.isfinite(atoms.positions)):
+        raise ValueError(f"{where} has NaN or infinite positions")
+    if not np.isfinite(results["energy"]):
+        raise ValueError(f"{where} has a NaN or infinite energy")
+    if np.shape(results["forces"]) != (len(atoms), 3):
+        raise ValueError(f"{where}: forces have shape {np.shape(results['forces'])}, expected ({len(atoms)}, 3)")
+    if not np.all(np.isfinite(results["forces"])):
+        raise ValueError(f"{where} has NaN or infinite forces")
+
+
+def elements_of(structures: Sequence[Atoms]) -> list[int]:
+    """Sorted atomic numbers present in the structures."""
+    return sorted({int(z) for atoms in structures for z in atoms.numbers})
+
+
+def split_indices(n: int, sizes: Sequence[int | float | None], seed: int) -> list[np.ndarray]:
+    """Disjoint index sets of the given sizes from one seeded permutation of range(n).
+
+    A size is a count, a fraction of n (a float below 1), or None for all that remain.
+    The same (n, sizes, seed) always gives the same split.
+    """
+    counts = []
+    for size in sizes:
+        if size is None:
+            counts.append(None)
+        elif isinstance(size, float) and 0 < size < 1:
+            counts.append(int(round(size * n)))
+        else:
+            counts.append(int(size))
+    fixed = sum(c for c in counts if c is not None)
+    rest = n - fixed
+    if fixed > n or any(c is not None and c < 0 for c in counts):
+        raise ValueError(f"split sizes {list(sizes)} need {fixed} structures, the data has {n}")
+    counts = [rest if c is None else c for c in counts]
+    perm = np.random.default_rng(seed).permutation(n)
+    out, start = [], 0
+    for c in counts:
+        out.append(np.sort(perm[start : start + c]))
+        start += c
+    return out
+
+
+def collate(graphs: Sequence[Graph]) -> Graph:
+    """One batch graph from single-structure graphs (edges offset, structure index set)."""
+    offsets = np.cumsum([0] + [g.positions.shape[0] for g in graphs[:-1]])
+    return Graph(
+        positions=torch.cat([g.positions for g in graphs]),
+        species=torch.cat([g.species for g in graphs]),
+        edge_index=torch.cat([g.edge_index + int(o) for g, o in zip(graphs, offsets)], dim=1),
+        edge_shift=torch.cat([g.edge_shift for g in graphs]),
+        batch=torch.cat([torch.full((g.positions.shape[0],), b, dtype=torch.long) for b, g in enumerate(graphs)]),
+        n_structures=len(graphs),
+        owned=torch.cat([g.owned for g in graphs]),
+    )
+
+
+@dataclass
+class Batch:
+    graph: Graph
+    energy: torch.Tensor  # (B,)
+    forces: torch.Tensor  # (N, 3)
+
+
+class GraphDataset:
+    """Structures with their neighbour lists computed once; batch(indices) concatenates them."""
+
+    def __init__(self, structures: Sequence[Atoms], atomic_numbers: Sequence[int], cutoff: float,
+                 dtype: torch.dtype = torch.float64):
+        self.structures = list(structures)
+        species_index(elements_of(self.structures), atomic_numbers)  # clear error for unknown elements
+        self.graphs = [batch_graph([a], atomic_numbers, cutoff, dtype) for a in self.structures]
+        self.energy = torch.tensor([a.calc.results["energy"] for a in self.structures], dtype=dtype)
+        self.forces = [torch.tensor(np.asarray(a.calc.results["forces"]), dtype=dtype) for a in self.structures]
+
+    def __len__(self) -> int:
+        return len(self.graphs)
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        indices = [int(i) for i in indices]
+        return Batch(collate([self.graphs[i] for i in indices]), self.energy[indices],
+                     torch.cat([self.forces[i] for i in indices]))
+
+    def batches(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield self.batch(range(start, min(start + batch_size, len(self))))
+
+
+def fit_energy_shifts(structures: Sequence[Atoms], atomic_numbers: Sequence[int]) -> np.ndarray:
+    """Per-element energies e_z minimising sum_s (E_s - sum_z n_sz e_z)^2 (minimum-norm when
+    the composition does not determine them, e.g. every structure has the same composition)."""
+    counts = np.zeros((len(structures), len(atomic_numbers)))
+    for s, atoms in enumerate(structures):
+        np.add.at(counts[s], species_index(atoms.numbers, atomic_numbers), 1.0)
+    energy = np.array([a.calc.results["energy"] for a in structures], dtype=np.float64)
+    shifts, *_ = np.linalg.lstsq(counts, energy, rcond=None)
+    return shifts

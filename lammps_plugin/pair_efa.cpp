@@ -1,0 +1,450 @@
+#include "pair_efa.h"
+
+#include "atom.h"
+#include "comm.h"
+#include "domain.h"
+#include "error.h"
+#include "force.h"
+#include "json.h"
+#include "memory.h"
+#include "neigh_list.h"
+#include "neighbor.h"
+#include "platform.h"
+#include "update.h"
+#include "utils.h"
+
+#include "efa_ops.h"
+
+#include <torch/cuda.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+using namespace LAMMPS_NS;
+
+namespace {
+
+constexpr const char *METADATA_NAME = "metadata.json";
+constexpr const char *MODEL_FORMAT = "efa-deploy-model";
+constexpr int MODEL_FORMAT_VERSION = 1;
+constexpr double KCAL_PER_MOL_PER_EV = 23.060547830619026;  // CODATA 2018
+
+// Backs the torch.ops.efa collectives with MPI and LAMMPS ghost communication.
+class LammpsComm : public efa::CommBackend {
+ public:
+  LammpsComm(PairEFA *pair, MPI_Comm world, bool skip_backward_sum)
+      : pair_(pair), world_(world), skip_backward_sum_(skip_backward_sum) {}
+
+  bool in_backward = false;
+
+  void global_sum(torch::Tensor &t) override
+  {
+    if (in_backward && skip_backward_sum_) return;
+    torch::Tensor host = t.to(torch::kCPU, torch::kFloat64).contiguous();
+    MPI_Allreduce(MPI_IN_PLACE, host.data_ptr<double>(), static_cast<int>(host.numel()), MPI_DOUBLE,
+                  MPI_SUM, world_);
+    t.copy_(host);
+  }
+  void forward_ghosts(torch::Tensor &t) override { pair_->exchange_ghost_rows(t, false); }
+  void reverse_ghosts(torch::Tensor &t) override { pair_->exchange_ghost_rows(t, true); }
+
+ private:
+  PairEFA *pair_;
+  MPI_Comm world_;
+  bool skip_backward_sum_;
+};
+
+std::string first_line(const std::string &text)
+{
+  auto end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+}  // namespace
+
+PairEFA::PairEFA(LAMMPS *lmp) :
+    Pair(lmp), device_(torch::kCPU), device_is_cuda_(false), extent_policy_(ExtentPolicy::Warn),
+    extent_warned_(false), skip_backward_sum_(false), dtype_(torch::kFloat64), cutoff_(0.0),
+    r_max_(0.0), model_periodic_(false), energy_unit_(1.0), sync_rows_(nullptr), sync_width_(0)
+{
+  single_enable = 0;
+  restartinfo = 0;
+  one_coeff = 1;
+  manybody_flag = 1;
+  centroidstressflag = CENTROID_NOTAVAIL;
+  // TorchScript's optimising executor re-specialises the graph on the first calls; the plain
+  // executor gives the same numbers as Python from the first step.
+  torch::jit::setGraphExecutorOptimize(false);
+}
+
+PairEFA::~PairEFA()
+{
+  if (allocated) {
+    memory->destroy(setflag);
+    memory->destroy(cutsq);
+  }
+}
+
+void PairEFA::allocate()
+{
+  allocated = 1;
+  const int n = atom->ntypes;
+  memory->create(setflag, n + 1, n + 1, "pair:setflag");
+  memory->create(cutsq, n + 1, n + 1, "pair:cutsq");
+  for (int i = 1; i <= n; i++)
+    for (int j = i; j <= n; j++) setflag[i][j] = 0;
+  type_to_species_.assign(n + 1, -1);
+}
+
+/* pair_style efa [device cpu|cuda] [extent warn|error|off] [unsafe_skip_backward_sum yes|no] */
+
+void PairEFA::settings(int narg, char **arg)
+{
+  std::string device = "cpu";
+  int iarg = 0;
+  while (iarg < narg) {
+    const std::string key = arg[iarg];
+    if (iarg + 1 >= narg) error->all(FLERR, "pair_style efa: keyword '{}' needs a value", key);
+    const std::string value = arg[iarg + 1];
+    if (key == "device") {
+      if (value != "cpu" && value != "cuda")
+        error->all(FLERR, "pair_style efa: device must be 'cpu' or 'cuda', not '{}'", value);
+      device = value;
+    } else if (key == "extent") {
+      if (value == "warn") extent_policy_ = ExtentPolicy::Warn;
+      else if (value == "error") extent_policy_ = ExtentPolicy::Error;
+      else if (value == "off") extent_policy_ = ExtentPolicy::Off;
+      else error->all(FLERR, "pair_style efa: extent must be warn, error or off, not '{}'", value);
+    } else if (key == "unsafe_skip_backward_sum") {
+      skip_backward_sum_ = utils::logical(FLERR, value, false, lmp) == 1;
+    } else {
+      error->all(FLERR,
+                 "pair_style efa: unknown keyword '{}' (known: device, extent, unsafe_skip_backward_sum)",
+                 key);
+    }
+    iarg += 2;
+  }
+  select_device(device);
+}
+
+void PairEFA::select_device(const std::string &name)
+{
+  if (name == "cpu") {
+    device_ = torch::Device(torch::kCPU);
+    device_is_cuda_ = false;
+    return;
+  }
+  if (!torch::cuda::is_available())
+    error->all(FLERR,
+               "pair_style efa device cuda: libtorch sees no CUDA GPU (CPU-only torch build, or no "
+               "visible device); install the CUDA build of torch or use 'device cpu'");
+  // ranks on one node share its GPUs round-robin by their rank within the node
+  MPI_Comm node;
+  MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, comm->me, MPI_INFO_NULL, &node);
+  int local_rank = 0;
+  MPI_Comm_rank(node, &local_rank);
+  MPI_Comm_free(&node);
+  const int ngpu = static_cast<int>(torch::cuda::device_count());
+  device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % ngpu));
+  device_is_cuda_ = true;
+  utils::logmesg(lmp, "pair_style efa: rank {} uses cuda:{} ({} GPU(s) on its node)\n", comm->me,
+                 local_rank % ngpu, ngpu);
+}
+
+/* pair_coeff * * model.pt El1 El2 ... (one element or NULL per atom type) */
+
+void PairEFA::coeff(int narg, char **arg)
+{
+  if (!allocated) allocate();
+  const int ntypes = atom->ntypes;
+  if (narg != 3 + ntypes)
+    error->all(FLERR,
+               "pair_coeff for efa needs '* * model.pt' and one element (or NULL) per atom type: "
+               "{} types, got {} elements",
+               ntypes, narg - 3);
+  if (strcmp(arg[0], "*") != 0 || strcmp(arg[1], "*") != 0)
+    error->all(FLERR, "pair_coeff for efa must start with '* *' (one model for all types)");
+
+  load_model(arg[2]);
+
+  for (int t = 1; t <= ntypes; t++) {
+    const std::string element = arg[2 + t];
+    if (element == "NULL") {
+      type_to_species_[t] = -1;
+      continue;
+    }
+    int species = -1;
+    for (size_t s = 0; s < model_elements_.size(); s++)
+      if (model_elements_[s] == element) species = static_cast<int>(s);
+    if (species < 0)
+      error->all(FLERR, "pair_coeff: element '{}' (atom type {}) is not in model {}, which knows: {}",
+                 element, t, model_path_, utils::join_words(model_elements_, " "));
+    type_to_species_[t] = species;
+  }
+  int count = 0;
+  for (int i = 1; i <= ntypes; i++)
+    for (int j = i; j <= ntypes; j++) {
+      setflag[i][j] = (type_to_species_[i] >= 0 && type_to_species_[j] >= 0) ? 1 : 0;
+      count += setflag[i][j];
+    }
+  if (count == 0) error->all(FLERR, "pair_coeff for efa maps no atom type to an element");
+}
+
+void PairEFA::load_model(const std::string &path)
+{
+  model_path_ = path;
+  if (!platform::file_is_readable(path))
+    error->all(FLERR, "pair_style efa: model file {} does not exist or cannot be read", path);
+
+  torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}};
+  try {
+    model_ = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, device_, extra));
+  } catch (const c10::Error &e) {
+    error->all(FLERR, "pair_style efa: {} is not a readable TorchScript model ({}); re-export it with efa-export",
+               path, first_line(e.what_without_backtrace()));
+  }
+  if (extra[METADATA_NAME].empty())
+    error->all(FLERR, "pair_style efa: {} has no {}: it was not written by efa-export", path, METADATA_NAME);
+
+  json meta;
+  try {
+    meta = json::parse(extra[METADATA_NAME]);
+  } catch (const std::exception &e) {
+    error->all(FLERR, "pair_style efa: {} of {} is not valid JSON: {}", METADATA_NAME, path, e.what());
+  }
+  auto require = [&](const char *field, bool ok, const char *expected) {
+    if (!meta.contains(field))
+      error->all(FLERR, "pair_style efa: {} metadata field '{}' is missing", path, field);
+    if (!ok) error->all(FLERR, "pair_style efa: {} metadata field '{}' should be {}", path, field, expected);
+  };
+  require("format", meta.contains("format") && meta["format"] == MODEL_FORMAT, MODEL_FORMAT);
+  require("format_version", meta.contains("format_version") && meta["format_version"] == MODEL_FORMAT_VERSION,
+          "1 (re-export the model with this version of efa-export)");
+  require("elements", meta.contains("elements") && meta["elements"].is_array() && !meta["elements"].empty(),
+          "a list of element symbols");
+  require("cutoff", meta.contains("cutoff") && meta["cutoff"].is_number() && meta["cutoff"] > 0, "a positive number");
+  require("dtype", meta.contains("dtype") && (meta["dtype"] == "float64" || meta["dtype"] == "float32"),
+          "float32 or float64");
+  require("periodic", meta.contains("periodic") && meta["periodic"].is_boolean(), "true or false");
+  require("efa", meta.contains("efa") && meta["efa"].is_object() && meta["efa"].contains("enabled"),
+          "an object with 'enabled'");
+  require("config", meta.contains("config") && meta["config"].contains("features"),
+          "an object with 'features'");
+  const auto units = meta.value("units", json::object());
+  if (units.value("energy", "") != "eV" || units.value("length", "") != "Angstrom")
+    error->all(FLERR, "pair_style efa: {} metadata field 'units' must be eV and Angstrom", path);
+
+  model_elements_ = meta["elements"].get<std::vector<std::string>>();
+  cutoff_ = meta["cutoff"].get<double>();
+  dtype_ = meta["dtype"] == "float64" ? torch::kFloat64 : torch::kFloat32;
+  model_periodic_ = meta["periodic"].get<bool>();
+  r_max_ = meta["efa"]["enabled"].get<bool>() ? meta["efa"].value("r_max", 0.0) : 0.0;
+  const int features = meta["config"]["features"].get<int>();
+  comm_forward = comm_reverse = 4 * features;  // one scalar and three vector components per feature
+
+  model_->eval();
+  for (auto p : model_->parameters()) p.requires_grad_(false);
+  if (comm->me == 0)
+    utils::logmesg(lmp, "pair_style efa: loaded {} (elements {}, cutoff {} A, {}{}, {})\n", path,
+                   utils::join_words(model_elements_, " "), cutoff_,
+                   r_max_ > 0 ? "EFA r_max " : "local only", r_max_ > 0 ? fmt::format("{} A", r_max_) : "",
+                   meta["dtype"].get<std::string>());
+}
+
+void PairEFA::check_units()
+{
+  const std::string units = update->unit_style;
+  if (units == "metal") energy_unit_ = 1.0;
+  else if (units == "real") energy_unit_ = KCAL_PER_MOL_PER_EV;
+  else
+    error->all(FLERR, "pair_style efa needs 'units metal' (native: eV, Angstrom) or 'units real', not '{}'",
+               units);
+}
+
+void PairEFA::init_style()
+{
+  if (!model_) error->all(FLERR, "pair_style efa: no model loaded; add 'pair_coeff * * model.pt El1 El2 ...'");
+  if (force->newton_pair == 0)
+    error->all(FLERR, "pair_style efa requires newton pair on (remove 'newton off' from the input)");
+  check_units();
+  if ((domain->xperiodic || domain->yperiodic || domain->zperiodic) && !model_periodic_)
+    error->all(FLERR,
+               "pair_style efa: model {} has a global EFA term, which is not periodic; use "
+               "'boundary f f f' or 'boundary s s s', or a local model (use_efa: false)",
+               model_path_);
+  neighbor->add_request(this, NeighConst::REQ_FULL);
+}
+
+double PairEFA::init_one(int, int) { return cutoff_; }
+
+void PairEFA::check_coordinates_and_extent()
+{
+  // one reduction: bounding box minima, negated maxima, negated count of bad coordinates
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  double box[7] = {inf, inf, inf, inf, inf, inf, 0.0};
+  double **x = atom->x;
+  const int *type = atom->type;
+  for (int i = 0; i < atom->nlocal; i++) {
+    if (type_to_species_[type[i]] < 0) continue;
+    if (!std::isfinite(x[i][0]) || !std::isfinite(x[i][1]) || !std::isfinite(x[i][2])) {
+      box[6] -= 1.0;
+      continue;
+    }
+    for (int k = 0; k < 3; k++) {
+      box[k] = std::min(box[k], x[i][k]);
+      box[3 + k] = std::min(box[3 + k], -x[i][k]);
+    }
+  }
+  MPI_Allreduce(MPI_IN_PLACE, box, 7, MPI_DOUBLE, MPI_MIN, world);
+  if (box[6] < 0.0)
+    error->all(FLERR,
+               "pair_style efa: an atom has non-finite (NaN or inf) coordinates at step {}; the "
+               "simulation blew up or the input structure is broken (try a smaller timestep)",
+               update->ntimestep);
+  if (r_max_ <= 0.0 || extent_policy_ == ExtentPolicy::Off || !std::isfinite(box[0])) return;
+  const double dx = -box[3] - box[0], dy = -box[4] - box[1], dz = -box[5] - box[2];
+  const double extent = std::sqrt(dx * dx + dy * dy + dz * dz);
+  if (extent <= r_max_) return;
+  if (extent_policy_ == ExtentPolicy::Error)
+    error->all(FLERR,
+               "pair_style efa: the system extends {:.2f} A (bounding-box diagonal), more than the "
+               "model's r_max of {:.2f} A, at step {}; use a model with a larger r_max",
+               extent, r_max_, update->ntimestep);
+  if (!extent_warned_ && comm->me == 0)
+    error->warning(FLERR,
+                   "pair_style efa: the system extends {:.2f} A (bounding-box diagonal), more than the "
+                   "model's r_max of {:.2f} A: the global term loses accuracy and rotation invariance; "
+                   "use a model with a larger r_max ('extent error' makes this an error)",
+                   extent, r_max_);
+  extent_warned_ = true;
+}
+
+void PairEFA::compute(int eflag, int vflag)
+{
+  ev_init(eflag, vflag);
+  if (vflag_atom)
+    error->all(FLERR, "pair_style efa does not compute per-atom virials (compute stress/atom); the global "
+                      "virial and pressure are available");
+  check_coordinates_and_extent();
+
+  const int nlocal = atom->nlocal;
+  const int ntotal = nlocal + atom->nghost;
+  double **x = atom->x;
+  double **f = atom->f;
+  const int *type = atom->type;
+
+  std::vector<int64_t> species(ntotal);
+  std::vector<double> owned(ntotal, 0.0);
+  for (int i = 0; i < ntotal; i++) {
+    const int s = type_to_species_[type[i]];
+    species[i] = s < 0 ? 0 : s;
+    owned[i] = (i < nlocal && s >= 0) ? 1.0 : 0.0;
+  }
+
+  std::vector<int64_t> edges;  // sender (neighbour j) then receiver (owned i), interleaved
+  const double cut2 = cutoff_ * cutoff_;
+  for (int ii = 0; ii < list->inum; ii++) {
+    const int i = list->ilist[ii];
+    if (type_to_species_[type[i]] < 0) continue;
+    const int *jlist = list->firstneigh[i];
+    for (int jj = 0; jj < list->numneigh[i]; jj++) {
+      const int j = jlist[jj] & NEIGHMASK;
+      if (type_to_species_[type[j]] < 0) continue;
+      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      if (dx * dx + dy * dy + dz * dz < cut2) {
+        edges.push_back(j);
+        edges.push_back(i);
+      }
+    }
+  }
+  const int64_t nedges = static_cast<int64_t>(edges.size() / 2);
+
+  const auto cpu_long = torch::TensorOptions().dtype(torch::kInt64);
+  const auto cpu_double = torch::TensorOptions().dtype(torch::kFloat64);
+  const auto on_device = torch::TensorOptions().dtype(dtype_).device(device_);
+
+  LammpsComm backend(this, world, skip_backward_sum_);
+  efa::BackendGuard guard(&backend);
+  torch::Tensor forces, atomic;
+  try {
+    torch::Tensor positions = ntotal > 0 ? torch::from_blob(x[0], {ntotal, 3}, cpu_double).to(on_device, false, true)
+                                         : torch::zeros({0, 3}, on_device);
+    positions.requires_grad_(true);
+    torch::Tensor species_t = torch::from_blob(species.data(), {ntotal}, cpu_long).to(device_, false, true);
+    torch::Tensor edge_index = torch::from_blob(edges.data(), {nedges, 2}, cpu_long).t().to(device_, false, true);
+    torch::Tensor edge_shift = torch::zeros({nedges, 3}, on_device);
+    torch::Tensor batch = torch::zeros({ntotal}, torch::TensorOptions().dtype(torch::kInt64).device(device_));
+    torch::Tensor owned_t = torch::from_blob(owned.data(), {ntotal}, cpu_double).to(on_device, false, true);
+
+    std::vector<torch::jit::IValue> inputs{positions, species_t, edge_index, edge_shift, batch,
+                                           static_cast<int64_t>(1), owned_t};
+    atomic = model_->forward(inputs).toTensor();
+    backend.in_backward = true;
+    auto grads = torch::autograd::grad({atomic.sum()}, {positions}, {}, false, false, true);
+    forces = grads[0].defined() ? grads[0].neg() : torch::zeros_like(positions);
+    forces = forces.to(torch::kCPU, torch::kFloat64).contiguous();
+    atomic = atomic.detach().to(torch::kCPU, torch::kFloat64).contiguous();
+  } catch (const c10::Error &e) {
+    error->one(FLERR, "pair_style efa: model evaluation failed: {}", first_line(e.what_without_backtrace()));
+  } catch (const std::exception &e) {
+    error->one(FLERR, "pair_style efa: model evaluation failed: {}", e.what());
+  }
+
+  const double *fr = forces.data_ptr<double>();
+  for (int i = 0; i < ntotal; i++)
+    for (int k = 0; k < 3; k++) f[i][k] += energy_unit_ * fr[3 * i + k];
+
+  const double *er = atomic.data_ptr<double>();
+  if (eflag_global)
+    for (int i = 0; i < nlocal; i++) eng_vdwl += energy_unit_ * er[i];
+  if (eflag_atom)
+    for (int i = 0; i < nlocal; i++) eatom[i] += energy_unit_ * er[i];
+  if (vflag_fdotr) virial_fdotr_compute();
+}
+
+void PairEFA::exchange_ghost_rows(torch::Tensor &rows, bool reverse)
+{
+  const int nlocal = atom->nlocal;
+  const int ntotal = nlocal + atom->nghost;
+  if (rows.dim() != 2 || rows.size(0) != ntotal || rows.size(1) > comm_forward)
+    error->one(FLERR, "pair_style efa: ghost exchange of a {} tensor; expected {} rows of at most {} values",
+               c10::str(rows.sizes()), ntotal, comm_forward);
+  torch::Tensor host = rows.to(torch::kCPU, torch::kFloat64).contiguous();
+  sync_rows_ = host.data_ptr<double>();
+  sync_width_ = static_cast<int>(host.size(1));
+  if (reverse) {
+    comm->reverse_comm(this, sync_width_);
+    host.narrow(0, nlocal, ntotal - nlocal).zero_();
+  } else {
+    comm->forward_comm(this, sync_width_);
+  }
+  sync_rows_ = nullptr;
+  rows.copy_(host);
+}
+
+int PairEFA::pack_forward_comm(int n, int *list, double *buf, int, int *)
+{
+  for (int i = 0; i < n; i++) std::memcpy(buf + i * sync_width_, sync_rows_ + list[i] * sync_width_,
+                                          sizeof(double) * sync_width_);
+  return n * sync_width_;
+}
+
+void PairEFA::unpack_forward_comm(int n, int first, double *buf)
+{
+  std::memcpy(sync_rows_ + first * sync_width_, buf, sizeof(double) * n * sync_width_);
+}
+
+int PairEFA::pack_reverse_comm(int n, int first, double *buf)
+{
+  std::memcpy(buf, sync_rows_ + first * sync_width_, sizeof(double) * n * sync_width_);
+  return n * sync_width_;
+}
+
+void PairEFA::unpack_reverse_comm(int n, int *list, double *buf)
+{
+  for (int i = 0; i < n; i++) {
+    double *row = sync_rows_ + list[i] * sync_width_;
+    for (int k = 0; k < sync_width_; k++) row[k] += buf[i * sync_width_ + k];
+  }
+}

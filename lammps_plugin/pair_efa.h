@@ -1,0 +1,76 @@
+// pair_style efa: Euclidean fast attention force fields exported by efa-export.
+//
+// The model is one TorchScript file. Its local message passing needs one cutoff of ghost
+// atoms, whose features are refreshed after every layer by LAMMPS forward communication;
+// its global EFA sums are summed over `world`. Both happen inside the model through the
+// torch.ops.efa collectives (efa_ops.h), which this pair style backs with LAMMPS and MPI
+// while compute() runs.
+#ifdef PAIR_CLASS
+// clang-format off
+PairStyle(efa,PairEFA);
+// clang-format on
+#else
+
+#ifndef LMP_PAIR_EFA_H
+#define LMP_PAIR_EFA_H
+
+#include "pair.h"
+
+#include <torch/script.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace LAMMPS_NS {
+
+class PairEFA : public Pair {
+ public:
+  PairEFA(class LAMMPS *);
+  ~PairEFA() override;
+  void compute(int, int) override;
+  void settings(int, char **) override;
+  void coeff(int, char **) override;
+  void init_style() override;
+  double init_one(int, int) override;
+  int pack_forward_comm(int, int *, double *, int, int *) override;
+  void unpack_forward_comm(int, int, double *) override;
+  int pack_reverse_comm(int, int, double *) override;
+  void unpack_reverse_comm(int, int *, double *) override;
+
+  // used by the communication backend
+  void exchange_ghost_rows(torch::Tensor &rows, bool reverse);
+
+ private:
+  enum class ExtentPolicy { Warn, Error, Off };
+
+  torch::Device device_;
+  bool device_is_cuda_;
+  ExtentPolicy extent_policy_;
+  bool extent_warned_;
+  bool skip_backward_sum_;  // testing only: the wrong forces the reverse reduction prevents
+
+  std::string model_path_;
+  std::unique_ptr<torch::jit::script::Module> model_;
+  torch::Dtype dtype_;
+  double cutoff_;
+  double r_max_;  // 0 when the model has no EFA
+  bool model_periodic_;
+  std::vector<std::string> model_elements_;
+  std::vector<int> type_to_species_;  // per LAMMPS type; -1 for NULL
+  double energy_unit_;                // eV -> LAMMPS energy unit
+
+  double *sync_rows_;  // the rows being communicated, N x sync_width_, row-major
+  int sync_width_;
+
+  void allocate();
+  void load_model(const std::string &path);
+  void check_units();
+  void check_coordinates_and_extent();
+  void select_device(const std::string &name);
+};
+
+}  // namespace LAMMPS_NS
+
+#endif
+#endif
