@@ -73,16 +73,17 @@ class EuclideanFastAttention(nn.Module):
             k = torch.nn.functional.silu(k)
         n = x.shape[0]
         if self.num_vector_frequencies > 0:
-            q = torch.cat([q, self.vector_query(vec).reshape(n, -1)], dim=1)
-            k = torch.cat([k, self.vector_key(vec).reshape(n, -1)], dim=1)
-        return q.reshape(n, -1, 2), k.reshape(n, -1, 2)
+            q = torch.cat([q, self.vector_query(vec).reshape(n, 3 * self.vector_query.out_features)], dim=1)
+            k = torch.cat([k, self.vector_key(vec).reshape(n, 3 * self.vector_key.out_features)], dim=1)
+        m = self.omega.numel()  # explicit sizes: N may be 0 (an empty MPI subdomain)
+        return q.reshape(n, m, 2), k.reshape(n, m, 2)
 
     def _rotate(self, z: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """ERoPE: (N, M, 2) channels rotated by (N, G, M) angles -> (N, G * M * 2)."""
         a = z[:, :, 0].unsqueeze(1)
         b = z[:, :, 1].unsqueeze(1)
         rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        return rotated.reshape(z.shape[0], -1)
+        return rotated.reshape(z.shape[0], cos.shape[1] * cos.shape[2] * 2)
 
     def forward(
         self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
@@ -98,7 +99,7 @@ class EuclideanFastAttention(nn.Module):
         rot_q = self._rotate(q, cos, sin) * self.grid_weights.repeat_interleave(2 * self.omega.numel())
         # values spread over their structure's column: (N, B * Dv); no per-atom copy of KV
         n, dv = v.shape
-        v_by_structure = (v.unsqueeze(1) * _one_hot(batch, n_structures, owned).unsqueeze(2)).reshape(n, -1)
+        v_by_structure = (v.unsqueeze(1) * _one_hot(batch, n_structures, owned).unsqueeze(2)).reshape(n, n_structures * dv)
         kv = torch.ops.efa.global_sum(rot_k.T @ v_by_structure)  # (G M 2, B Dv): the global sums
         y = (rot_q @ kv).reshape(n, n_structures, dv)
         return self.scale * y.gather(1, batch.view(n, 1, 1).expand(n, 1, dv)).squeeze(1)

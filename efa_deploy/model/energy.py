@@ -99,7 +99,7 @@ class EnergyModel(nn.Module):
         for t, layer in enumerate(self.layers):
             x, vec = layer(x, vec, positions, batch, n_structures, owned, sender, receiver, rbf, envelope, unit)
             if t < last:  # ghosts take their owners' features (identity outside LAMMPS)
-                synced = torch.ops.efa.forward_ghosts(torch.cat([x, vec.reshape(n, -1)], dim=1))
+                synced = torch.ops.efa.forward_ghosts(torch.cat([x, vec.reshape(n, 3 * self.features)], dim=1))
                 x = synced[:, : self.features]
                 vec = synced[:, self.features :].reshape(n, 3, self.features)
         energy = self.readout(x).squeeze(1) + self.energy_shift.to(x.dtype)[species]
