@@ -45,14 +45,17 @@ def sphere_mean_of_monomial(a: int, b: int, c: int) -> float:
     return 2.0 * math.exp(log) / (4.0 * math.pi)
 
 
-def monomial_errors(points: np.ndarray, weights: np.ndarray, degree: int) -> list[float]:
+def monomial_errors(points: np.ndarray, weights: np.ndarray, degree: int) -> np.ndarray:
+    """Errors of the grid's mean of every monomial x^a y^b z^c with a + b + c = degree, relative to
+    the exact mean (high-degree means are tiny); odd monomials average to 0 and get absolute errors."""
+    powers = points[:, :, None] ** np.arange(degree + 1)  # (G, 3, degree + 1)
     errors = []
     for a in range(degree + 1):
-        for b in range(degree + 1 - a):
-            c = degree - a - b
-            grid = np.sum(weights * points[:, 0] ** a * points[:, 1] ** b * points[:, 2] ** c)
-            errors.append(abs(grid - sphere_mean_of_monomial(a, b, c)))
-    return errors
+        b = np.arange(degree + 1 - a)
+        grid = (weights * powers[:, 0, a]) @ (powers[:, 1, b] * powers[:, 2, degree - a - b])
+        exact = np.array([sphere_mean_of_monomial(a, int(bb), degree - a - int(bb)) for bb in b])
+        errors.append(np.abs(grid - exact) / np.where(exact == 0.0, 1.0, exact))
+    return np.concatenate(errors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,15 +77,15 @@ def test_grid_integrates_polynomials_up_to_its_degree_and_not_beyond(num_points)
     points, weights = lebedev_grid(num_points)
     degree = DEGREE_BY_POINTS[num_points]
     for d in range(degree + 1):
-        assert max(monomial_errors(points, weights, d)) < 1e-13, f"degree {d}"
+        assert max(monomial_errors(points, weights, d)) < 1e-11, f"degree {d}"
     # every grid of this family fails at the next (even) degree: shows the check has teeth
-    assert max(monomial_errors(points, weights, degree + 1)) > 1e-6
+    assert max(monomial_errors(points, weights, degree + 1)) > 1e-4
 
 
 def test_large_grid_integrates_high_degree_polynomials():
     points, weights = lebedev_grid(5810)
     for degree in (40, 80, 130):
-        assert max(monomial_errors(points, weights, degree)) < 1e-13
+        assert max(monomial_errors(points, weights, degree)) < 1e-11
 
 
 @pytest.mark.parametrize("num_points", sorted(SAFE_B_MAX))
