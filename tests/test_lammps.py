@@ -13,7 +13,7 @@ from efa_deploy.model import ModelConfig, energy_and_forces
 from efa_deploy.modelfile import load_model_file, save_model_file
 
 from conftest import jittered_cluster, randomised_model
-from lammps_helpers import static_run, write_data
+from lammps_helpers import run_lammps, static_run, write_data
 
 ELEMENTS = ["H", "C", "O"]
 
@@ -107,3 +107,35 @@ def test_periodic_local_model_matches_python(tmp_path, periodic_local_model, npr
     assert result.energy == pytest.approx(energy, rel=1e-10)
     np.testing.assert_allclose(result.forces, forces, rtol=0, atol=1e-10 * np.abs(forces).max())
     np.testing.assert_allclose(result.atomic_energies, atomic, rtol=0, atol=1e-10)
+
+
+RESTART_DECK = """\
+units           metal
+boundary        f f f
+atom_style      atomic
+atom_modify     map array
+{start}
+pair_style      efa
+pair_coeff      * * {model} H C O
+timestep        0.0005
+fix             nve all nve
+thermo_style    custom step pe etotal
+{body}
+write_dump      all custom final.dump id x y z vx vy vz modify sort id format float %.17g
+"""
+
+
+@pytest.mark.mpi
+def test_restart_continues_the_trajectory(tmp_path, efa_model, cluster):
+    """write_restart at step 10, read_restart in a new run (on another rank count): step 20 matches."""
+    write_data(cluster, tmp_path / "data.lmp", ELEMENTS)
+
+    start = "read_data data.lmp\nvelocity all create 300 4928459 mom yes rot yes"
+    run_lammps(RESTART_DECK.format(start=start, model=efa_model, body="run 10\nwrite_restart state.restart\nrun 10"),
+               tmp_path, nprocs=1)
+    straight = np.loadtxt(tmp_path / "final.dump", skiprows=9)
+    run_lammps(RESTART_DECK.format(start="read_restart state.restart", model=efa_model, body="run 10"),
+               tmp_path, nprocs=2)
+    restarted = np.loadtxt(tmp_path / "final.dump", skiprows=9)
+    assert np.abs(straight[:, 1:4] - cluster.positions).max() > 1e-3  # the atoms did move
+    np.testing.assert_allclose(restarted, straight, rtol=0, atol=1e-9)
