@@ -61,21 +61,24 @@ def lattice(n: int, seed: int = 0) -> Atoms:
 def export(path: Path, use_efa: bool, r_max: float) -> None:
     config = ModelConfig(atomic_numbers=[1, 8], features=32, num_layers=2, cutoff=5.0, use_efa=use_efa,
                          r_max=r_max, num_frequencies=8, value_dim=16, grid_points=50)
-    save_model_file(build_model(config), config, path, overwrite=True)
+    save_model_file(build_model(config, torch.float32), config, path, overwrite=True)
 
 
 def lammps_ms_per_step(workdir: Path, model: Path, ranks: int, steps: int, device: str) -> float:
     (workdir / "in.bench").write_text(DECK.format(device=device, model=model, steps=steps))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "lmp"), "-in", "in.bench", "-log", "none"],
-                         cwd=workdir, env=env, capture_output=True, text=True, check=True).stdout
+    proc = subprocess.run([str(BIN / "mpiexec"), "-n", str(ranks), str(BIN / "lmp"), "-in", "in.bench", "-log", "none"],
+                          cwd=workdir, env=env, capture_output=True, text=True)
+    out = proc.stdout
+    if proc.returncode != 0:
+        raise RuntimeError(f"LAMMPS failed on {ranks} rank(s):\n{out[-3000:]}\n{proc.stderr[-3000:]}")
     loop = re.findall(r"Loop time of ([\d.eE+-]+) on \d+ procs for (\d+) steps", out)[-1]
     return 1e3 * float(loop[0]) / int(loop[1])
 
 
 def bare_ms_per_step(model: Path, atoms: Atoms, steps: int, device: str) -> float:
     module, meta = load_model_file(model, device=device)
-    graph = batch_graph([atoms], meta["atomic_numbers"], meta["cutoff"]).to(device)
+    graph = batch_graph([atoms], meta["atomic_numbers"], meta["cutoff"], getattr(torch, meta["dtype"])).to(device)
     energy_and_forces(module, *graph.inputs())  # warm-up
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
@@ -83,7 +86,11 @@ def bare_ms_per_step(model: Path, atoms: Atoms, steps: int, device: str) -> floa
     for _ in range(steps):
         energy_and_forces(module, *graph.inputs())
     sync()
-    return 1e3 * (time.perf_counter() - start) / steps
+    elapsed = time.perf_counter() - start
+    del module, graph
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the LAMMPS runs that follow need the GPU memory
+    return 1e3 * elapsed / steps
 
 
 def steps_for(n: int) -> int:
@@ -122,7 +129,7 @@ def main() -> None:
     else:
         machine = torch.cuda.get_device_name(0)
     lines = [f"# pair_style efa MD throughput ({args.device}: {machine}; torch {torch.__version__})", "",
-             "Model: 2 layers, 32 features, cutoff 5 A, ~50 neighbours per atom; EFA: 50-point grid, D = 16, Dv = 16.",
+             "Model (float32): 2 layers, 32 features, cutoff 5 A, ~50 neighbours per atom; EFA: 50-point grid, D = 16, Dv = 16.",
              "ms/step of a velocity-Verlet NVE step (Loop time after 2 warm-up steps); us/atom-step in brackets;",
              "bare = energy + forces of the same TorchScript file from Python, one thread, no LAMMPS.", ""]
     head = "| atoms | model | " + " | ".join(f"LAMMPS {r} rank{'s' if r > 1 else ''}" for r in args.ranks) + " | bare model |"
