@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from ase import Atoms
 
-from efa_deploy.graph import batch_graph
-from efa_deploy.model import ModelConfig, energy_and_forces
-from efa_deploy.modelfile import load_model_file, save_model_file
+from efa_deploy import EFACalculator
+from efa_deploy.model import ModelConfig
+from efa_deploy.modelfile import save_model_file
 
 from conftest import jittered_cluster, randomised_model
 from lammps_helpers import run_lammps, static_run, write_data
@@ -33,10 +32,10 @@ def cluster():
 
 
 def python_reference(model_path, atoms):
-    module, meta = load_model_file(model_path)
-    graph = batch_graph([atoms], meta["atomic_numbers"], meta["cutoff"])
-    energy, forces, atomic = energy_and_forces(module, *graph.inputs())
-    return energy.item(), forces.numpy(), atomic.detach().numpy()
+    """Energy, forces and per-atom energies from the ASE calculator on the same file."""
+    atoms = atoms.copy()
+    atoms.calc = EFACalculator(model_path)
+    return atoms.get_potential_energy(), atoms.get_forces(), atoms.get_potential_energies()
 
 
 def test_lammps_equals_python_on_the_same_file(tmp_path, efa_model, cluster):
