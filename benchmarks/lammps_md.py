@@ -97,6 +97,30 @@ def steps_for(n: int) -> int:
     return max(2, min(50, int(2e5 / n)))
 
 
+def write_report(rows: list, args) -> str:
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    if args.device == "cpu":
+        cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
+        machine = f"{cpu[0].split(':')[1].strip() if cpu else machine}, {os.cpu_count()} cores"
+    else:
+        machine = torch.cuda.get_device_name(0)
+    lines = [f"# pair_style efa MD throughput ({args.device}: {machine}; torch {torch.__version__})", "",
+             "Model (float32): 2 layers, 32 features, cutoff 5 A, ~50 neighbours per atom; EFA: 50-point grid, D = 16, Dv = 16.",
+             "ms/step of a velocity-Verlet NVE step (Loop time after 2 warm-up steps); us/atom-step in brackets;",
+             "bare = energy + forces of the same TorchScript file from Python (graph prebuilt), one CPU thread, no LAMMPS.", ""]
+    head = "| atoms | model | " + " | ".join(f"LAMMPS {r} rank{'s' if r > 1 else ''}" for r in args.ranks) + " | bare model |"
+    lines += [head, "|" + "---|" * (3 + len(args.ranks))]
+    for row in rows:
+        n = row["atoms"]
+        cells = [f"{row[f'lammps_{r}']:.1f} ({1e3 * row[f'lammps_{r}'] / n:.1f})" for r in args.ranks]
+        lines.append(f"| {n} | {row['model']} | " + " | ".join(cells) + f" | {row['bare']:.1f} ({1e3 * row['bare'] / n:.1f}) |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "lammps_md" if args.device == "cpu" else "lammps_md_cuda"
+    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10000, 100000])
@@ -122,27 +146,8 @@ def main() -> None:
                 row["bare"] = bare_ms_per_step(model, atoms, max(2, steps // 2), args.device)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    if args.device == "cpu":
-        cpu = [l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")]
-        machine = f"{cpu[0].split(':')[1].strip() if cpu else machine}, {os.cpu_count()} cores"
-    else:
-        machine = torch.cuda.get_device_name(0)
-    lines = [f"# pair_style efa MD throughput ({args.device}: {machine}; torch {torch.__version__})", "",
-             "Model (float32): 2 layers, 32 features, cutoff 5 A, ~50 neighbours per atom; EFA: 50-point grid, D = 16, Dv = 16.",
-             "ms/step of a velocity-Verlet NVE step (Loop time after 2 warm-up steps); us/atom-step in brackets;",
-             "bare = energy + forces of the same TorchScript file from Python, one thread, no LAMMPS.", ""]
-    head = "| atoms | model | " + " | ".join(f"LAMMPS {r} rank{'s' if r > 1 else ''}" for r in args.ranks) + " | bare model |"
-    lines += [head, "|" + "---|" * (3 + len(args.ranks))]
-    for row in rows:
-        n = row["atoms"]
-        cells = [f"{row[f'lammps_{r}']:.1f} ({1e3 * row[f'lammps_{r}'] / n:.1f})" for r in args.ranks]
-        lines.append(f"| {n} | {row['model']} | " + " | ".join(cells) + f" | {row['bare']:.1f} ({1e3 * row['bare'] / n:.1f}) |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = "lammps_md" if args.device == "cpu" else "lammps_md_cuda"
-    (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (args.out / f"{stem}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    print("\n".join(lines))
+                write_report(rows, args)  # a run cut short keeps what it measured
+    print(write_report(rows, args))
 
 
 if __name__ == "__main__":
