@@ -48,19 +48,16 @@ def load_structures(path: str | Path, index: str = ":") -> list[Atoms]:
 def _read_npz(path: Path) -> list[Atoms]:
     try:
         with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in NPZ_REQUIRED if k not in npz.files]
-            if missing:
-                raise ValueError(
-                    f"{path} lacks the key(s) {', '.join(missing)}; an npz data file needs "
-                    f"{', '.join(NPZ_REQUIRED)} (and optionally node_mask): training needs energies and forces"
-                )
-            arrays = {k: npz[k] for k in (*NPZ_REQUIRED, "node_mask") if k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+            keys = set(npz.files)
+            arrays = {k: npz[k] for k in (*NPZ_REQUIRED, "node_mask") if k in keys}
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as err:
         raise ValueError(f"{path} is not a readable npz file (truncated or corrupt?): {err}") from None
-    except ValueError as err:
-        if "lacks the key" in str(err):
-            raise
-        raise ValueError(f"{path} is not a readable npz file (truncated or corrupt?): {err}") from None
+    missing = [k for k in NPZ_REQUIRED if k not in keys]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the key(s) {', '.join(missing)}; an npz data file needs "
+            f"{', '.join(NPZ_REQUIRED)} (and optionally node_mask): training needs energies and forces"
+        )
     pos, numbers, energy, forces = (arrays[k] for k in NPZ_REQUIRED)
     s = len(pos)
     if pos.ndim != 3 or pos.shape[2] != 3 or numbers.shape != pos.shape[:2] or forces.shape != pos.shape:

@@ -39,13 +39,15 @@ DEFAULTS: dict = {
         "epochs": 100,
         "time_budget": None,  # seconds of training (summed over resumed runs); null: no limit
         "lr": 1.0e-3,
-        "lr_final": 1.0e-5,  # reached at the last step of the last epoch (exponential decay)
+        "lr_final": 1.0e-5,  # reached at the end (exponential decay)
+        "schedule": "steps",  # decay over epochs x steps per epoch (exactly resumable), or over
+        # "time": the time_budget, so a run on a busy machine still ends at lr_final
         "energy_weight": 0.01,
         "forces_weight": 0.99,
         "ema_decay": 0.999,
         "clip_grad_norm": None,
         "checkpoint_every": 500,  # steps
-        "val_batch_size": 256,
+        "val_batch_size": 8,  # EFA work per batch grows with (atoms x structures) in it
         "threads": 1,
         "progress": True,
         "plot_every": 30.0,  # seconds between learning-curve redraws (always drawn at the end)
@@ -77,6 +79,20 @@ def merge_config(base: dict, update: dict, where: str = "") -> dict:
         else:
             out[key] = value
     return out
+
+
+def coerce_numbers(node):
+    """YAML 1.1 reads 1e-3 (no dot) as a string: turn number-like strings back into numbers."""
+    if isinstance(node, dict):
+        return {k: coerce_numbers(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [coerce_numbers(v) for v in node]
+    if isinstance(node, str):
+        try:
+            return float(node)
+        except ValueError:
+            return node
+    return node
 
 
 def model_config_from(config: dict, structures) -> ModelConfig:
@@ -132,7 +148,7 @@ def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Mo
     return model.eval(), config
 
 
-def evaluate(model: torch.nn.Module, dataset: GraphDataset, batch_size: int = 256) -> dict:
+def evaluate(model: torch.nn.Module, dataset: GraphDataset, batch_size: int = 8) -> dict:
     """Energy (eV, per structure) and force (eV/A, per component) MAE and RMSE."""
     de, df = [], []
     for b in dataset.batches(batch_size):
@@ -154,6 +170,7 @@ class Run:
     """The state of one training run: data, model, optimiser and bookkeeping."""
 
     def __init__(self, config: dict, resume: bool = False):
+        config = {**config, "model": coerce_numbers(config["model"]), "training": coerce_numbers(config["training"])}
         out = Path(config["output"])
         ckpt = None
         if resume and (out / "last.ckpt").is_file():
@@ -163,6 +180,10 @@ class Run:
             print(f"efa-train: no checkpoint in {out}; starting from the beginning")
         self.config, self.out = config, out
         tc = self.tc = config["training"]
+        if tc["schedule"] not in ("steps", "time"):
+            raise ValueError(f"training.schedule must be 'steps' or 'time', not {tc['schedule']!r}")
+        if tc["schedule"] == "time" and not tc["time_budget"]:
+            raise ValueError("training.schedule 'time' needs training.time_budget (seconds)")
         if tc["dtype"] not in DTYPES:
             raise ValueError(f"training.dtype must be one of {', '.join(DTYPES)}, not {tc['dtype']!r}")
         self.dtype = DTYPES[tc["dtype"]]
@@ -193,8 +214,9 @@ class Run:
         self.steps_per_epoch = math.ceil(len(self.train_set) / tc["batch_size"])
         self.total_steps = int(tc["epochs"]) * self.steps_per_epoch
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc["lr"])
-        # a resumed run keeps the decay rate it started with (the scheduler state holds it)
-        gamma = (tc["lr_final"] / tc["lr"]) ** (1.0 / max(self.total_steps, 1))
+        # a resumed run keeps the decay rate it started with (the scheduler state holds it);
+        # with schedule "time" the rate is set from the elapsed time before every step instead
+        gamma = (tc["lr_final"] / tc["lr"]) ** (1.0 / max(self.total_steps, 1)) if tc["schedule"] == "steps" else 1.0
         self.scheduler = torch.optim.lr_scheduler.ExponentialLR(self.optimizer, gamma=gamma)
         self.ema = EMA(self.model, tc["ema_decay"])
         self.step, self.elapsed, self.best_val = 0, 0.0, math.inf
@@ -259,6 +281,10 @@ class Run:
 
     def train_step(self) -> tuple[float, float, float]:
         tc = self.tc
+        if tc["schedule"] == "time":
+            progress = min(self.elapsed / tc["time_budget"], 1.0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = tc["lr"] * (tc["lr_final"] / tc["lr"]) ** progress
         b = self.train_set.batch(self.batch_indices(self.step))
         energy, forces, _ = energy_and_forces(self.model, *b.graph.inputs(), create_graph=True)
         de, df = energy - b.energy, forces - b.forces
@@ -271,7 +297,7 @@ class Run:
         self.scheduler.step()
         self.step += 1
         self.ema.update(self.model, self.step)
-        return float(loss), float(de.detach().abs().mean()), float(df.detach().abs().mean())
+        return float(loss.detach()), float(de.detach().abs().mean()), float(df.detach().abs().mean())
 
     def end_epoch(self, partial: bool = False) -> None:
         self.val_metrics = evaluate(self.ema.model, self.val_set, self.tc["val_batch_size"])
@@ -330,8 +356,11 @@ class Run:
             running = values if running is None else [0.98 * r + 0.02 * v for r, v in zip(running, values)]
             bar.update(1)
             if self.step % 20 == 0:
-                bar.set_postfix(loss=f"{running[0]:.3g}", e_mae=f"{running[1]:.3g}", f_mae=f"{running[2]:.3g}",
-                                epoch=self.step // self.steps_per_epoch, refresh=False)
+                shown = {"loss": f"{running[0]:.3g}", "e_mae": f"{running[1]:.3g}", "f_mae": f"{running[2]:.3g}",
+                         "epoch": self.step // self.steps_per_epoch}
+                if budget is not None:
+                    shown["time"] = f"{self.elapsed:.0f}/{budget:.0f}s"
+                bar.set_postfix(shown, refresh=False)
             if self.step % self.steps_per_epoch == 0:
                 self.end_epoch()
                 if time.monotonic() - last_plot >= tc["plot_every"]:

@@ -30,7 +30,7 @@ def lj_structures(count: int, seed: int = 0, elements=(6, 8), n_atoms=(3, 6)) ->
         if d.min() < 1.2:
             continue
         atoms = Atoms(numbers=rng.choice(elements, size=n), positions=pos)
-        atoms.calc = LennardJones(sigma=1.1, epsilon=0.05, rc=4.0, smooth=True)
+        atoms.calc = LennardJones(sigma=1.1, epsilon=1.0, rc=4.0, smooth=True)
         energy, forces = atoms.get_potential_energy(), atoms.get_forces()
         atoms.calc = SinglePointCalculator(atoms, energy=energy + 0.3 * n, forces=forces)
         out.append(atoms)
@@ -61,7 +61,7 @@ def tiny_config(data_path, output, **training) -> dict:
     from efa_deploy.train import DEFAULTS, merge_config
 
     settings = {"batch_size": 4, "epochs": 3, "checkpoint_every": 10, "progress": False, "plot_every": 0.0,
-                "lr": 3e-3, "lr_final": 1e-3, "ema_decay": 0.9}
+                "lr": 1e-2, "lr_final": 3e-3, "ema_decay": 0.9}
     settings.update(training)
     return merge_config(DEFAULTS, {
         "data": {"path": str(data_path), "n_train": 24, "n_val": 8, "n_test": 8, "split_seed": 1},

@@ -1,0 +1,116 @@
+"""ASE calculator for exported EFA model files (and efa-train checkpoints)."""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+
+from .graph import batch_graph, system_extent
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """A TorchScript file carries code/ and extra/ folders; a torch.save checkpoint does not."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False  # let load_model_file report what is wrong
+    return not any("/code/" in n or "/extra/" in n for n in names)
+
+
+def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """(module, metadata) of a model file or, through its EMA weights, of a checkpoint."""
+    from .modelfile import load_model_file, model_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    if _is_checkpoint(path):
+        from .train import load_checkpoint, model_from_checkpoint
+
+        ckpt = load_checkpoint(path)
+        model, config = model_from_checkpoint(ckpt, "ema")
+        metadata = model_metadata(model, config, {"checkpoint": path.name, "data_digest": ckpt.get("data_digest")})
+        return model.to(device), metadata
+    return load_model_file(path, device)
+
+
+class EFACalculator(Calculator):
+    """Energy, forces and per-atom energies of an EFA (or local) model.
+
+    model: path to a file written by efa-export, or to an efa-train checkpoint.
+    extent_check: what to do when the system's extent exceeds the model's EFA range r_max
+    (beyond it the global term loses rotation invariance): "warn" (once), "error" or "off".
+    Stress is available for periodic cells with local (non-EFA) models.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+
+    def __init__(self, model: str | Path, device: str = "cpu", extent_check: str = "warn", **kwargs):
+        super().__init__(**kwargs)
+        if extent_check not in ("warn", "error", "off"):
+            raise ValueError(f"extent_check must be 'warn', 'error' or 'off', not {extent_check!r}")
+        self.module, self.metadata = load_any(model, device)
+        self.device = device
+        self.extent_check = extent_check
+        self.atomic_numbers = [int(z) for z in self.metadata["atomic_numbers"]]
+        self.cutoff = float(self.metadata["cutoff"])
+        self.dtype = getattr(torch, self.metadata["dtype"])
+        efa = self.metadata["efa"]
+        self.r_max = float(efa["r_max"]) if efa.get("enabled") else None
+        self._warned_extent = False
+        if self.metadata["periodic"]:
+            self.implemented_properties = [*EFACalculator.implemented_properties, "stress"]
+
+    def _check(self, atoms) -> None:
+        if not np.all(np.isfinite(atoms.positions)):
+            raise ValueError("atoms have NaN or infinite positions; the model cannot evaluate them")
+        if np.any(atoms.pbc) and not self.metadata["periodic"]:
+            raise ValueError(
+                f"atoms have a periodic cell (pbc={atoms.pbc.tolist()}) but this model's global EFA term is not "
+                "periodic: it sums over the atoms given, not over periodic images. Use a non-periodic cell "
+                "(atoms.pbc = False) for a finite system, or a local model (trained with use_efa: false) for "
+                "periodic systems"
+            )
+        if self.r_max is not None and self.extent_check != "off":
+            extent = system_extent(atoms.positions)
+            if extent > self.r_max:
+                message = (f"system extent {extent:.2f} A exceeds the model's EFA range r_max = {self.r_max:.2f} A: "
+                           "the global term is no longer rotation invariant there; use a model with a larger r_max")
+                if self.extent_check == "error":
+                    raise ValueError(message)
+                if not self._warned_extent:
+                    warnings.warn(message, RuntimeWarning, stacklevel=3)
+                    self._warned_extent = True
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        self._check(atoms)
+        graph = batch_graph([atoms], self.atomic_numbers, self.cutoff, self.dtype).to(self.device)
+        want_stress = "stress" in properties
+        if want_stress and not atoms.cell.rank == 3:
+            raise ValueError("stress needs a three-dimensional cell")
+        positions = graph.positions.clone().requires_grad_(True)
+        strain = torch.zeros(3, 3, dtype=self.dtype, device=self.device, requires_grad=want_stress)
+        deform = torch.eye(3, dtype=self.dtype, device=self.device) + 0.5 * (strain + strain.T)
+        inputs = list(graph.inputs())
+        inputs[0] = positions @ deform if want_stress else positions
+        inputs[3] = graph.edge_shift @ deform if want_stress else graph.edge_shift
+        atomic = self.module(*inputs)
+        energy = atomic.sum()
+        wrt = [positions, strain] if want_stress else [positions]
+        grads = torch.autograd.grad(energy, wrt)
+        self.results["energy"] = float(energy.detach())
+        self.results["free_energy"] = self.results["energy"]
+        self.results["forces"] = (-grads[0]).detach().cpu().numpy().astype(np.float64)
+        self.results["energies"] = atomic.detach().cpu().numpy().astype(np.float64)
+        if want_stress:
+            stress = grads[1].detach().cpu().numpy() / atoms.get_volume()
+            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]].astype(np.float64)
+

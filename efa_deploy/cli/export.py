@@ -1,0 +1,118 @@
+"""efa-export: turn a training checkpoint into the TorchScript model file that LAMMPS
+(pair_style efa) and efa_deploy.EFACalculator load.
+
+    efa-export runs/x/best.ckpt -o model.pt [--check] [--force]
+
+--check reloads the written file and compares its energies and forces with the eager model
+on held-out structures (the checkpoint's test split, else its validation split, or --check-data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..data import collate, load_structures, split_indices
+from ..graph import batch_graph
+from ..model import energy_and_forces
+from ..modelfile import load_model_file, save_model_file
+from ..train import load_checkpoint, model_from_checkpoint
+
+# largest |difference| accepted between the TorchScript file and the eager model
+CHECK_TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, weights: str = "ema", force: bool = False) -> dict:
+    """Write the model file of a checkpoint (EMA weights by default); returns its metadata."""
+    ckpt = load_checkpoint(checkpoint)
+    model, config = model_from_checkpoint(ckpt, weights)
+    data = ckpt["train_config"]["data"]
+    provenance = {
+        "data_digest": ckpt.get("data_digest"),
+        "data_file": Path(data["path"]).name if data.get("path") else None,
+        "split": {k: data.get(k) for k in ("n_train", "n_val", "n_test", "split_seed")},
+        "validation": ckpt.get("val_metrics", {}),
+        "step": ckpt["step"],
+        "epoch": ckpt.get("epoch"),
+        "weights": weights,
+        "training": ckpt["train_config"].get("training", {}),
+        "checkpoint": Path(checkpoint).name,
+    }
+    return save_model_file(model, config, output, provenance=provenance, overwrite=force)
+
+
+def held_out_structures(ckpt: dict, data_path: str | Path | None = None, count: int = 32) -> list:
+    """Up to `count` structures the model was not trained on: from data_path if given, else the
+    checkpoint's test split (its validation split when the test split is empty)."""
+    if data_path is not None:
+        return load_structures(data_path)[:count]
+    data = ckpt["train_config"]["data"]
+    path = Path(data["path"])
+    if not path.is_file():
+        raise FileNotFoundError(f"the training data {path} is not here; pass --check-data FILE")
+    structures = load_structures(path)
+    _, val, test = split_indices(len(structures), [data["n_train"], data["n_val"], data["n_test"]], data["split_seed"])
+    chosen = test if len(test) else val
+    return [structures[i] for i in chosen[:count]]
+
+
+def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list, atomic_numbers, cutoff: float,
+            dtype: torch.dtype, batch_size: int = 16) -> dict:
+    """Largest |difference| of energies, forces and per-atom energies between two models."""
+    worst = {"energy": 0.0, "forces": 0.0, "energies": 0.0}
+    for start in range(0, len(structures), batch_size):
+        graph = collate([batch_graph([a], atomic_numbers, cutoff, dtype) for a in structures[start : start + batch_size]])
+        a = energy_and_forces(scripted, *graph.inputs())
+        b = energy_and_forces(eager, *graph.inputs())
+        for key, x, y in zip(("energy", "forces", "energies"), a, b):
+            worst[key] = max(worst[key], float((x.detach() - y.detach()).abs().max()))
+    return worst
+
+
+def check_model_file(model_file: str | Path, checkpoint: str | Path, weights: str = "ema",
+                     data_path: str | Path | None = None, count: int = 32) -> dict:
+    """Reload model_file and compare it with the checkpoint's eager model on held-out data."""
+    scripted, metadata = load_model_file(model_file)
+    ckpt = load_checkpoint(checkpoint)
+    eager, config = model_from_checkpoint(ckpt, weights)
+    structures = held_out_structures(ckpt, data_path, count)
+    dtype = next(eager.parameters()).dtype
+    worst = compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, dtype)
+    tol = CHECK_TOLERANCE[metadata["dtype"]]
+    return {"structures": len(structures), "max_abs_diff": worst, "tolerance": tol,
+            "passed": all(v <= tol for v in worst.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="efa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint written by efa-train (best.ckpt or last.ckpt)")
+    p.add_argument("-o", "--output", required=True, help="model file to write (TorchScript)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA weights (default) or the raw ones")
+    p.add_argument("--check", action="store_true", help="reload the file and compare it with the eager model")
+    p.add_argument("--check-data", help="structures for --check (default: the checkpoint's held-out split)")
+    p.add_argument("--check-count", type=int, default=32, help="number of structures for --check")
+    args = p.parse_args(argv)
+    weights = "model" if args.weights == "raw" else "ema"
+    try:
+        metadata = export_checkpoint(args.checkpoint, args.output, weights, args.force)
+        print(f"wrote {args.output}: elements {' '.join(metadata['elements'])}, cutoff {metadata['cutoff']} A, "
+              f"EFA {'on' if metadata['efa']['enabled'] else 'off'}, {metadata['dtype']}")
+        if args.check:
+            result = check_model_file(args.output, args.checkpoint, weights, args.check_data, args.check_count)
+            print(json.dumps(result, indent=1))
+            if not result["passed"]:
+                print(f"efa-export: check FAILED: differences above {result['tolerance']}", file=sys.stderr)
+                return 1
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"efa-export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

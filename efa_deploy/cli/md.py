@@ -1,0 +1,327 @@
+"""efa-md: molecular dynamics with an exported EFA model in LAMMPS (pair_style efa).
+
+    efa-md STRUCTURE --model model.pt --ensemble nvt --temperature 300 --timestep 0.5 \\
+           --steps 10000 --output traj.extxyz
+    mpiexec -n 2 efa-md ...          # LAMMPS splits the domain over the ranks
+
+STRUCTURE is any file ase.io reads (extxyz, xyz, ...; the last frame) or a LAMMPS data file
+(*.data, *.lmp, data.*). Writes the trajectory (--output; .extxyz, or a LAMMPS dump for any
+other suffix), OUTPUT-stem.thermo.csv, OUTPUT-stem.png (energy and temperature) and
+OUTPUT-stem.summary.json, prints live progress (steps/s, ETA, temperature, energy) and a final
+summary (ns/day, energy drift).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROG = "efa-md"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument gives one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        if _rank() == 0:
+            sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
+def _rank() -> int:
+    if "mpi4py.MPI" in sys.modules:
+        return sys.modules["mpi4py.MPI"].COMM_WORLD.Get_rank()
+    for key in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("structure", help="structure file (extxyz, xyz, ..., or a LAMMPS data file)")
+    p.add_argument("-m", "--model", required=True, help="model file written by efa-export")
+    p.add_argument("-e", "--ensemble", default="nvt", help="nve, nvt or npt (default nvt)")
+    p.add_argument("--thermostat", default="langevin", help="for nvt: langevin (default) or nose-hoover")
+    p.add_argument("-T", "--temperature", type=float, default=300.0,
+                   help="K: thermostat target, and the initial velocities (default 300)")
+    p.add_argument("--pressure", type=float, default=1.0, help="bar, for npt (default 1)")
+    p.add_argument("--damping", type=float, default=100.0, help="thermostat damping time in fs (default 100)")
+    p.add_argument("-t", "--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("-n", "--steps", type=int, default=10000, help="number of MD steps (default 10000)")
+    p.add_argument("-o", "--output", default="md.extxyz",
+                   help="trajectory file: .extxyz/.xyz, else a LAMMPS dump (default md.extxyz)")
+    p.add_argument("--output-every", type=int, default=100, help="steps between trajectory frames (default 100)")
+    p.add_argument("--thermo-every", type=int, default=0,
+                   help="steps between thermo records (default: about 200 records per run)")
+    p.add_argument("--minimize", action="store_true", help="relax the structure before the MD")
+    p.add_argument("--fmax", type=float, default=0.01, help="eV/A: force tolerance of --minimize (default 0.01)")
+    p.add_argument("--seed", type=int, default=4928459, help="seed of the velocities and the Langevin noise")
+    p.add_argument("--elements", nargs="+", metavar="EL", help="element of each atom type (LAMMPS data files)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--extent", default="warn", help="structure larger than the model's r_max: warn, error or off")
+    p.add_argument("--plot", help="energy/temperature plot (default: OUTPUT-stem.png)")
+    p.add_argument("--log", help="LAMMPS log file (default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no live progress")
+    return p
+
+
+CHOICES = {"ensemble": ("nve", "nvt", "npt"), "thermostat": ("langevin", "nose-hoover"),
+           "device": ("cpu", "cuda"), "extent": ("warn", "error", "off")}
+
+
+def check_arguments(args) -> tuple[dict, object]:
+    """Every check that needs no LAMMPS; returns the model metadata and the structure.
+    Raises ValueError / FileNotFoundError with one line each."""
+    from ..lammps import check_structure, load_structure
+
+    for name, allowed in CHOICES.items():
+        value = getattr(args, name)
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+    if args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, not {args.steps}")
+    if not (args.timestep > 0 and math.isfinite(args.timestep)):
+        raise ValueError(f"--timestep must be > 0 fs, not {args.timestep}")
+    if args.timestep > 5.0:
+        raise ValueError(f"--timestep {args.timestep} fs is too large for atomistic MD (use <= 5 fs; 0.5 fs with H)")
+    if args.ensemble in ("nvt", "npt") and not args.temperature > 0:
+        raise ValueError(f"--temperature must be > 0 K for {args.ensemble}, not {args.temperature}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 K, not {args.temperature}")
+    if args.damping <= 0:
+        raise ValueError(f"--damping must be > 0 fs, not {args.damping}")
+    if args.output_every <= 0 or args.thermo_every < 0:
+        raise ValueError("--output-every must be > 0 and --thermo-every >= 0")
+    if args.minimize and args.fmax <= 0:
+        raise ValueError(f"--fmax must be > 0 eV/A, not {args.fmax}")
+    model = Path(args.model)
+    if not model.is_file():
+        raise FileNotFoundError(f"model file {model} does not exist")
+    structure = Path(args.structure)
+    if not structure.is_file():
+        raise FileNotFoundError(f"structure file {structure} does not exist")
+    from ..modelfile import load_model_file
+
+    _, metadata = load_model_file(model)
+    atoms = load_structure(structure, metadata, args.elements)
+    check_structure(atoms, metadata, str(structure))
+    if args.ensemble == "npt" and not (metadata["periodic"] and np.all(atoms.pbc)):
+        raise ValueError("ensemble npt needs a periodic model and a structure periodic along x, y and z"
+                         + ("; this model's global EFA term is not periodic" if not metadata["periodic"] else ""))
+    out_dir = Path(args.output).resolve().parent
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"output folder {out_dir} does not exist")
+    return metadata, atoms
+
+
+# ---- progress and summary -------------------------------------------------------------------
+
+
+class Progress:
+    """Live progress on rank 0: a tqdm bar on a terminal, else a line every ~10%."""
+
+    def __init__(self, total: int, n_atoms: int, timestep_fs: float, enabled: bool):
+        self.total, self.n_atoms, self.timestep_fs = total, n_atoms, timestep_fs
+        self.enabled = enabled
+        self.tty = enabled and sys.stdout.isatty()
+        self.bar = None
+        self.start = time.perf_counter()
+        self.first_step = None
+        self.next_line = 0
+        if self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5, file=sys.stdout)
+
+    def __call__(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if self.first_step is None:
+            self.first_step = row["step"]
+            self.start = time.perf_counter()
+        done = row["step"] - self.first_step
+        elapsed = time.perf_counter() - self.start
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(f"T {row['temp']:.0f} K  E {row['etotal']:.4f} eV  Epot {row['pe']:.4f} eV",
+                                     refresh=False)
+            return
+        if done < self.next_line and done < self.total:
+            return
+        self.next_line = done + max(1, self.total // 10)
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        print(f"step {row['step']:>8d}  {100 * done / max(self.total, 1):5.1f}%  T {row['temp']:7.1f} K  "
+              f"Etot {row['etotal']:14.6f} eV  Epot {row['pe']:14.6f} eV  "
+              f"{rate:7.1f} steps/s  ETA {format_seconds(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(s: float) -> str:
+    if not math.isfinite(s):
+        return "--"
+    s = int(round(s))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def summarise(thermo: dict, n_atoms: int, timestep_fs: float, steps: int, wall_s: float, ranks: int,
+              ensemble: str, extra: dict) -> dict:
+    """ns/day, steps/s, temperature statistics and the drift of the conserved energy
+    (etotal for NVE; etotal plus the thermostat's tally otherwise), in eV/atom/ps from a
+    least-squares line through it."""
+    t = thermo["time"] - thermo["time"][0]
+    econs = thermo["econserve"]
+    drift = float(np.polyfit(t, econs, 1)[0] / n_atoms) if len(t) > 2 and t[-1] > 0 else float("nan")
+    half = len(thermo["temp"]) // 2
+    return {
+        "atoms": n_atoms, "ranks": ranks, "ensemble": ensemble, "steps": steps, "timestep_fs": timestep_fs,
+        "simulated_ps": steps * timestep_fs * 1e-3, "wall_s": wall_s,
+        "steps_per_s": steps / wall_s if wall_s > 0 else float("nan"),
+        "ns_per_day": steps * timestep_fs * 1e-6 / wall_s * 86400 if wall_s > 0 else float("nan"),
+        "temperature_mean_K": float(np.mean(thermo["temp"][half:])) if len(thermo["temp"]) else float("nan"),
+        "temperature_std_K": float(np.std(thermo["temp"][half:])) if len(thermo["temp"]) else float("nan"),
+        "potential_energy_first_eV": float(thermo["pe"][0]), "potential_energy_last_eV": float(thermo["pe"][-1]),
+        "conserved_energy_drift_eV_per_atom_per_ps": drift,
+        "conserved_energy_max_deviation_eV_per_atom": float(np.abs(econs - econs[0]).max() / n_atoms),
+        **extra,
+    }
+
+
+def print_summary(s: dict) -> None:
+    print(f"{PROG}: {s['steps']} steps of {s['ensemble'].upper()} ({s['simulated_ps']:.3f} ps) for {s['atoms']} atoms "
+          f"on {s['ranks']} rank(s) in {s['wall_s']:.1f} s: {s['steps_per_s']:.1f} steps/s, {s['ns_per_day']:.3f} ns/day")
+    print(f"{PROG}: temperature {s['temperature_mean_K']:.1f} +- {s['temperature_std_K']:.1f} K (second half); "
+          f"potential energy {s['potential_energy_first_eV']:.4f} -> {s['potential_energy_last_eV']:.4f} eV")
+    label = "total energy" if s["ensemble"] == "nve" else "conserved energy (total + thermostat)"
+    print(f"{PROG}: {label} drift {s['conserved_energy_drift_eV_per_atom_per_ps']:.2e} eV/atom/ps, "
+          f"largest deviation {s['conserved_energy_max_deviation_eV_per_atom']:.2e} eV/atom")
+
+
+def write_thermo_csv(thermo: dict, path: Path) -> None:
+    keys = list(thermo)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for row in zip(*(thermo[k] for k in keys)):
+            w.writerow([int(v) if k == "step" else f"{v:.10g}" for k, v in zip(keys, row)])
+
+
+def plot_thermo(thermo: dict, n_atoms: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = thermo["time"]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    e0 = thermo["econserve"][0]
+    ax1.plot(t, (thermo["pe"] - e0) / n_atoms, label="potential")
+    ax1.plot(t, (thermo["etotal"] - e0) / n_atoms, label="total")
+    ax1.plot(t, (thermo["econserve"] - e0) / n_atoms, label="conserved", ls="--")
+    ax1.set_ylabel(f"energy - {e0:.3f} eV (eV/atom)")
+    ax1.legend(loc="best", fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax1.set_title(title, fontsize=9)
+    ax2.plot(t, thermo["temp"], color="C3")
+    ax2.set_xlabel("time (ps)")
+    ax2.set_ylabel("temperature (K)")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+
+def run(args) -> int:
+    from mpi4py import MPI
+
+    from ..lammps import EFASimulation
+
+    comm = MPI.COMM_WORLD
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    output = Path(args.output)
+    stem = output.with_suffix("")
+    plot = Path(args.plot) if args.plot else stem.with_suffix(".png")
+    thermo_every = args.thermo_every or max(10, args.steps // 200)
+    structure = args.structure
+    say = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
+
+    t0 = time.perf_counter()
+    sim = EFASimulation(structure, args.model, elements=args.elements, device=args.device, extent=args.extent,
+                        comm=comm, log=args.log)
+    meta = sim.metadata
+    efa = meta["efa"]
+    say(f"{PROG}: {sim.n_atoms} atoms from {structure}, model {args.model} "
+        f"({' '.join(meta['elements'])}; cutoff {meta['cutoff']} A"
+        + (f", EFA r_max {efa['r_max']} A" if efa.get("enabled") else ", local") + f"), {ranks} MPI rank(s)")
+    extra: dict = {"structure": str(structure), "model": str(args.model)}
+    if args.minimize:
+        result = sim.minimize(ftol=args.fmax, max_iterations=2000)
+        say(f"{PROG}: minimised {result['initial_energy']:.6f} -> {result['final_energy']:.6f} eV in "
+            f"{result['iterations']} iterations (max force {result['max_force']:.4f} eV/A)")
+        extra["minimization"] = result
+    ensemble = args.ensemble
+    label = ensemble.upper() + (f" ({args.thermostat})" if ensemble == "nvt" else "")
+    say(f"{PROG}: {label}, {args.steps} steps of {args.timestep} fs"
+        + (f" at {args.temperature} K" if ensemble != "nve" or args.temperature > 0 else "")
+        + f", trajectory {output} every {args.output_every} steps")
+    progress = Progress(args.steps, sim.n_atoms, args.timestep, enabled=rank == 0 and not args.no_progress)
+    start = time.perf_counter()
+    thermo = sim.run(
+        args.steps, ensemble=ensemble, temperature=args.temperature if args.temperature > 0 else None,
+        timestep_fs=args.timestep, thermostat=args.thermostat, damping_fs=args.damping, pressure_bar=args.pressure,
+        seed=args.seed, thermo_every=thermo_every, trajectory=output, trajectory_every=args.output_every,
+        callback=progress,
+    )
+    wall = time.perf_counter() - start
+    progress.close()
+    sim.close()
+    if rank == 0:
+        extra["setup_s"] = start - t0
+        summary = summarise(thermo, sim.n_atoms, args.timestep, args.steps, wall, ranks, ensemble, extra)
+        write_thermo_csv(thermo, stem.with_suffix(".thermo.csv"))
+        plot_thermo(thermo, sim.n_atoms, plot, f"{Path(structure).name}, {label}, {args.timestep} fs, {ranks} rank(s)")
+        stem.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print_summary(summary)
+        print(f"{PROG}: wrote {output}, {stem.with_suffix('.thermo.csv')}, {plot}, {stem.with_suffix('.summary.json')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        check_arguments(args)
+    except (ValueError, FileNotFoundError) as err:
+        if _rank() == 0:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        if _rank() == 0:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # LAMMPS errors (lost atoms, extent error, ...) arrive as plain Exceptions
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"{PROG}: error: {first}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Make the shipped default model, export/water_efa.pt, from nothing (GFN2-xTB reference data).
+
+    python export/make_default.py data     # water clusters + GFN2-xTB MD -> export/data/water_clusters_gfn2.npz
+    python export/make_default.py train    # efa-train export/water_efa.yaml -> runs/water_efa/
+    python export/make_default.py export   # best checkpoint -> export/water_efa.pt (+ test errors)
+    python export/make_default.py check    # 3 ps of MD with the model, 15 frames of it against GFN2-xTB
+    python export/make_default.py all      # the four in turn
+
+Stages `data` and `check` need tblite (pip install tblite==0.8.0); `train` and `export` need
+only this package.
+Everything is seeded: the same versions give the same data and, on the same CPU, the same model.
+Run with OMP_NUM_THREADS=1 (the timings in export/README.md are for one core).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DATA = HERE / "data" / "water_clusters_gfn2.npz"
+CONFIG = HERE / "water_efa.yaml"
+MODEL = HERE / "water_efa.pt"
+STRUCTURE = HERE / "water16.xyz"
+RUN = REPO / "runs" / "water_efa"
+
+# (waters per cluster, starting seeds, temperatures in K, frames kept per MD run)
+PLAN = [
+    (16, (0, 1, 2), (300.0, 450.0, 600.0), 100),
+    (12, (0, 1), (300.0, 600.0), 50),
+    (8, (0, 1), (300.0, 600.0), 50),
+]
+MD_TIMESTEP_FS = 1.0
+MD_STRIDE = 10  # steps between kept frames (10 fs)
+MD_EQUILIBRATION = 100  # steps discarded at the start of each run
+MAX_EXTENT = 19.0  # A: frames whose bounding-box diagonal is larger (evaporating molecules) are dropped; r_max is 20 A
+
+
+# ---- stage 1: reference data ------------------------------------------------------------------
+
+
+def xtb_calculator():
+    from tblite.ase import TBLite
+
+    return TBLite(method="GFN2-xTB", verbosity=0)
+
+
+def random_water_cluster(n_waters: int, seed: int):
+    """n water molecules at liquid density (0.033 / A^3) in a sphere, random orientations,
+    centres at least 2.7 A apart."""
+    from ase import Atoms
+    from ase.build import molecule
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    radius = (3 * n_waters / (4 * np.pi * 0.033)) ** (1 / 3)
+    centres: list[np.ndarray] = []
+    while len(centres) < n_waters:
+        c = rng.uniform(-radius, radius, 3)
+        if np.linalg.norm(c) <= radius and all(np.linalg.norm(c - d) > 2.7 for d in centres):
+            centres.append(c)
+    water = molecule("H2O")
+    water.positions -= water.get_center_of_mass()
+    cluster = Atoms()
+    for c in centres:
+        m = water.copy()
+        m.positions = Rotation.random(random_state=int(rng.integers(2**31))).apply(m.positions) + c
+        cluster += m
+    return cluster
+
+
+def relaxed_cluster(n_waters: int, seed: int):
+    from ase.optimize import BFGS
+
+    atoms = random_water_cluster(n_waters, seed)
+    atoms.calc = xtb_calculator()
+    BFGS(atoms, logfile=None).run(fmax=0.02, steps=1000)
+    atoms.positions -= atoms.get_center_of_mass()
+    return atoms
+
+
+def sample_md(atoms, temperature: float, frames: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, float, float]]:
+    """Langevin MD with GFN2-xTB; (numbers, positions, energy, forces) every MD_STRIDE steps."""
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
+
+    atoms = atoms.copy()
+    atoms.calc = xtb_calculator()
+    rng = np.random.default_rng(seed)
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+    Stationary(atoms)
+    ZeroRotation(atoms)
+    dyn = Langevin(atoms, MD_TIMESTEP_FS * units.fs, temperature_K=temperature, friction=0.01 / units.fs, rng=rng)
+    dyn.run(MD_EQUILIBRATION)
+    out = []
+    for _ in range(frames):
+        dyn.run(MD_STRIDE)
+        out.append((atoms.positions.copy(), atoms.get_potential_energy(), atoms.get_forces().copy()))
+    return out
+
+
+def make_data() -> None:
+    from ase.io import write
+
+    from efa_deploy.graph import system_extent
+
+    start = time.monotonic()
+    DATA.parent.mkdir(parents=True, exist_ok=True)
+    rows = []  # (numbers, positions, energy, forces, n_waters, temperature, seed)
+    for n_waters, seeds, temperatures, frames in PLAN:
+        for seed in seeds:
+            t0 = time.monotonic()
+            minimum = relaxed_cluster(n_waters, seed)
+            if n_waters == 16 and seed == 0:
+                shipped = minimum.copy()
+                shipped.calc = None
+                shipped.info = {"comment": "16 water molecules, GFN2-xTB (tblite 0.8.0) local minimum; export/make_default.py"}
+                write(STRUCTURE, shipped, format="extxyz")
+            # the minimum itself, with its (near-zero) forces
+            rows.append((minimum.numbers, minimum.positions.copy(), minimum.get_potential_energy(),
+                         minimum.get_forces().copy(), n_waters, 0.0, seed))
+            for temperature in temperatures:
+                for positions, energy, forces in sample_md(minimum, temperature, frames, 1000 * seed + int(temperature)):
+                    rows.append((minimum.numbers, positions, energy, forces, n_waters, temperature, seed))
+            print(f"  {n_waters} waters, seed {seed}: {len(rows)} structures so far "
+                  f"({time.monotonic() - t0:.0f} s)", flush=True)
+    extents = np.array([system_extent(r[1]) for r in rows])
+    keep = extents <= MAX_EXTENT
+    print(f"dropping {int((~keep).sum())} structures with an extent above {MAX_EXTENT} A "
+          f"(largest {extents.max():.2f} A)")
+    rows = [r for r, k in zip(rows, keep) if k]
+    n_max = max(len(r[0]) for r in rows)
+    s = len(rows)
+    positions = np.zeros((s, n_max, 3))
+    forces = np.zeros((s, n_max, 3))
+    numbers = np.zeros((s, n_max), dtype=np.int64)
+    mask = np.zeros((s, n_max), dtype=bool)
+    for k, (z, x, e, f, *_rest) in enumerate(rows):
+        n = len(z)
+        numbers[k, :n], positions[k, :n], forces[k, :n], mask[k, :n] = z, x, f, True
+    np.savez_compressed(
+        DATA, positions=positions, atomic_numbers=numbers, energy=np.array([r[2] for r in rows]), forces=forces,
+        node_mask=mask, n_waters=np.array([r[4] for r in rows]), temperature=np.array([r[5] for r in rows]),
+        seed=np.array([r[6] for r in rows]),
+    )
+    print(f"wrote {DATA.relative_to(REPO)}: {s} structures, largest extent {extents[keep].max():.2f} A, "
+          f"{os.path.getsize(DATA) / 1e6:.1f} MB, {time.monotonic() - start:.0f} s")
+
+
+# ---- stage 2: training ------------------------------------------------------------------------
+
+
+def train() -> None:
+    """efa-train on the YAML file beside this script (relative paths in it are relative to it)."""
+    from efa_deploy.cli.train import main
+
+    start = time.monotonic()
+    code = main([str(CONFIG), "-o", str(RUN), "--no-progress"])
+    if code:
+        sys.exit(code)
+    print(f"training took {time.monotonic() - start:.0f} s")
+
+
+# ---- stage 3: export with the test errors ----------------------------------------------------
+
+
+def test_split(config: dict):
+    from efa_deploy.data import load_structures, split_indices
+
+    data = config["data"]
+    structures = load_structures(data["path"])
+    _, _, test = split_indices(len(structures), [data["n_train"], data["n_val"], data["n_test"]], data["split_seed"])
+    return [structures[i] for i in test], test
+
+
+def model_errors(module, metadata: dict, structures) -> dict:
+    """Energy (per structure and per atom, eV) and force (per component, eV/A) MAE and RMSE."""
+    import torch
+
+    from efa_deploy.data import GraphDataset
+    from efa_deploy.model import energy_and_forces
+
+    dtype = getattr(torch, metadata["dtype"])
+    dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], dtype)
+    de, df = [], []
+    for batch in dataset.batches(32):
+        energy, forces, _ = energy_and_forces(module, *batch.graph.inputs())
+        de.append((energy.detach() - batch.energy).double().numpy())
+        df.append((forces.detach() - batch.forces).double().numpy().reshape(-1))
+    de, df = np.concatenate(de), np.concatenate(df)
+    per_atom = de / np.array([len(a) for a in structures], dtype=float)
+    return {
+        "energy_mae": float(np.abs(de).mean()), "energy_rmse": float(np.sqrt(np.mean(de**2))),
+        "energy_per_atom_mae": float(np.abs(per_atom).mean()),
+        "energy_per_atom_rmse": float(np.sqrt(np.mean(per_atom**2))),
+        "forces_mae": float(np.abs(df).mean()), "forces_rmse": float(np.sqrt(np.mean(df**2))),
+    }
+
+
+def export() -> None:
+    import torch
+
+    from efa_deploy.data import file_digest
+    from efa_deploy.modelfile import load_model_file, save_model_file
+    from efa_deploy.train import load_checkpoint, model_from_checkpoint
+
+    from efa_deploy.model import build_model
+
+    ckpt = load_checkpoint(RUN / "best.ckpt")
+    trained, config = model_from_checkpoint(ckpt, "ema")
+    # trained in float32 for speed; shipped in float64: LAMMPS then conserves energy to
+    # round-off and 1 and N ranks agree to 1e-15 (the weights are the float32 ones, cast)
+    model = build_model(config, torch.float64)
+    model.load_state_dict(trained.state_dict())
+    model.eval()
+    train_config = ckpt["train_config"]
+    structures, test_idx = test_split(train_config)
+    test = model_errors(model, {"dtype": "float64", "atomic_numbers": config.atomic_numbers, "cutoff": config.cutoff},
+                        structures)
+    data = train_config["data"]
+    provenance = {
+        "data_digest": file_digest(data["path"]),
+        "data_file": str(Path(data["path"]).resolve().relative_to(REPO)),
+        "reference": "GFN2-xTB (tblite 0.8.0), water clusters of 8, 12 and 16 molecules, Langevin MD at 300-600 K",
+        "split": {k: data.get(k) for k in ("n_train", "n_val", "n_test", "split_seed")},
+        "validation": ckpt.get("val_metrics", {}),
+        "test": {"structures": len(test_idx), "indices": [int(i) for i in test_idx], **test},
+        "step": ckpt["step"],
+        "epoch": ckpt.get("epoch"),
+        "training_seconds": round(float(ckpt["elapsed_s"]), 1),
+        "weights": "ema, trained in float32, shipped in float64",
+        "training": train_config["training"],
+        "made_by": "export/make_default.py",
+    }
+    save_model_file(model, config, MODEL, provenance=provenance, overwrite=True)
+    module, metadata = load_model_file(MODEL)
+    again = model_errors(module, metadata, structures)
+    for key, value in test.items():
+        assert abs(again[key] - value) <= 1e-9 * max(1.0, abs(value)), (key, again[key], value)
+    print(f"wrote {MODEL.relative_to(REPO)} ({os.path.getsize(MODEL) / 1e3:.0f} kB)")
+    shown = {k: v for k, v in provenance["test"].items() if k != "indices"}
+    print(json.dumps({"test": shown, "validation": provenance["validation"],
+                      "r_max": metadata["efa"]["r_max"], "elements": metadata["elements"]}, indent=1))
+
+
+# ---- stage 4 (optional): the model along its own MD trajectory --------------------------------
+
+
+def check() -> None:
+    """3 ps of NVT at 300 K from export/water16.xyz with the shipped model (LAMMPS, this
+    package's driver), then GFN2-xTB on 15 frames of it: the errors where the model goes by itself."""
+    from ase.io import read
+
+    from efa_deploy.calculator import EFACalculator
+    from efa_deploy.lammps import EFASimulation
+
+    trajectory = RUN / "check_nvt.extxyz"
+    RUN.mkdir(parents=True, exist_ok=True)
+    with EFASimulation(STRUCTURE, MODEL) as sim:
+        thermo = sim.run(6000, ensemble="nvt", temperature=300.0, timestep_fs=0.5, thermo_every=20,
+                         trajectory=trajectory, trajectory_every=200, seed=1)
+    frames = read(trajectory, ":")[1::2]
+    calc = EFACalculator(MODEL)
+    de, df, oh = [], [], []
+    for atoms in frames:
+        reference = atoms.copy()
+        reference.calc = xtb_calculator()
+        model = atoms.copy()
+        model.calc = calc
+        de.append(model.get_potential_energy() - reference.get_potential_energy())
+        df.append(model.get_forces() - reference.get_forces())
+        d = atoms.get_all_distances()
+        oh.append(d[np.ix_(atoms.numbers == 1, atoms.numbers == 8)].min(axis=1).max())
+    de, df = np.array(de), np.array(df)
+    n = len(frames[0])
+    print(f"NVT 300 K, 3 ps: mean temperature {thermo['temp'][len(thermo['temp']) // 2:].mean():.0f} K; "
+          f"{len(frames)} frames against GFN2-xTB: force MAE {np.abs(df).mean():.3f} eV/A, energy error "
+          f"{de.mean() / n * 1000:+.2f} +- {de.std() / n * 1000:.2f} meV/atom, longest O-H bond {max(oh):.2f} A")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=["data", "train", "export", "check", "all"])
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    stages = ["data", "train", "export", "check"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        t0 = time.monotonic()
+        print(f"== {stage}", flush=True)
+        {"data": make_data, "train": train, "export": export, "check": check}[stage]()
+        print(f"== {stage} done in {time.monotonic() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

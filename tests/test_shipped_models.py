@@ -1,0 +1,87 @@
+"""Every shipped model file (export/*.pt) loads, reproduces the test errors recorded in its
+metadata on its recorded test data, is described in export/README.md, and gives the same
+energy in LAMMPS as in Python on the shipped structure."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from ase.io import read
+
+from efa_deploy.calculator import EFACalculator
+from efa_deploy.data import GraphDataset, file_digest, load_structures
+from efa_deploy.graph import system_extent
+from efa_deploy.lammps import EFASimulation
+from efa_deploy.model import energy_and_forces
+from efa_deploy.modelfile import load_model_file
+
+from conftest import REPO
+
+EXPORT = REPO / "export"
+MODELS = sorted(EXPORT.glob("*.pt"))
+
+
+def test_there_is_a_shipped_model():
+    assert MODELS, "export/ holds no model file"
+
+
+@pytest.fixture(scope="module", params=MODELS, ids=[p.name for p in MODELS])
+def shipped(request):
+    module, metadata = load_model_file(request.param)
+    return request.param, module, metadata
+
+
+def errors(module, metadata, structures) -> dict:
+    dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], getattr(torch, metadata["dtype"]))
+    de, df = [], []
+    for batch in dataset.batches(32):
+        energy, forces, _ = energy_and_forces(module, *batch.graph.inputs())
+        de.append((energy.detach() - batch.energy).double().numpy())
+        df.append((forces.detach() - batch.forces).double().numpy().reshape(-1))
+    de, df = np.concatenate(de), np.concatenate(df)
+    per_atom = de / np.array([len(a) for a in structures])
+    return {"energy_mae": np.abs(de).mean(), "energy_rmse": np.sqrt(np.mean(de**2)),
+            "energy_per_atom_mae": np.abs(per_atom).mean(), "energy_per_atom_rmse": np.sqrt(np.mean(per_atom**2)),
+            "forces_mae": np.abs(df).mean(), "forces_rmse": np.sqrt(np.mean(df**2))}
+
+
+def test_reproduces_its_recorded_test_errors(shipped):
+    path, module, metadata = shipped
+    provenance = metadata["provenance"]
+    data = REPO / provenance["data_file"]
+    assert data.is_file(), f"{path.name}: its test data {provenance['data_file']} is not in the repository"
+    assert file_digest(data) == provenance["data_digest"], f"{data} is not the file {path.name} was tested on"
+    recorded = provenance["test"]
+    structures = load_structures(data)
+    test = [structures[i] for i in recorded["indices"]]
+    assert len(test) == recorded["structures"] >= 100
+    measured = errors(module, metadata, test)
+    for key, value in measured.items():
+        assert value == pytest.approx(recorded[key], rel=1e-6), key
+    # and the errors are those of a usable model (GFN2-xTB forces here have a spread of ~1 eV/A)
+    assert recorded["forces_mae"] < 0.1 and recorded["energy_per_atom_mae"] < 0.01
+
+
+def test_is_described_in_the_readme(shipped):
+    path, _, metadata = shipped
+    readme = (EXPORT / "README.md").read_text()
+    assert path.name in readme
+    section = readme[readme.index(f"`{path.name}`"):]
+    test = metadata["provenance"]["test"]
+    # the card quotes the recorded numbers (meV, meV/A) and the r_max
+    assert f"{1000 * test['forces_mae']:.1f}" in section, "forces MAE (meV/A) not quoted"
+    assert f"{1000 * test['energy_per_atom_mae']:.2f}" in section, "energy MAE per atom (meV/atom) not quoted"
+    assert re.search(rf"r_max[^\n]*{metadata['efa']['r_max']:g} A", section), "r_max not quoted"
+
+
+def test_lammps_equals_python_on_the_shipped_structure(shipped):
+    path, _, metadata = shipped
+    atoms = read(EXPORT / "water16.xyz")
+    assert system_extent(atoms.positions) < metadata["efa"]["r_max"] - 3.0  # room to move at 300 K
+    atoms.calc = EFACalculator(path)
+    with EFASimulation(EXPORT / "water16.xyz", path) as sim:
+        assert sim.energy() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+        np.testing.assert_allclose(sim.forces(), atoms.get_forces(), rtol=0, atol=1e-10)
