@@ -209,10 +209,9 @@ def export() -> None:
     import torch
 
     from efa_deploy.data import file_digest
+    from efa_deploy.model import build_model
     from efa_deploy.modelfile import load_model_file, save_model_file
     from efa_deploy.train import load_checkpoint, model_from_checkpoint
-
-    from efa_deploy.model import build_model
 
     ckpt = load_checkpoint(RUN / "best.ckpt")
     trained, config = model_from_checkpoint(ckpt, "ema")
