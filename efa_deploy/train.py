@@ -59,7 +59,8 @@ RESUMABLE = {("training", k) for k in ("epochs", "time_budget", "checkpoint_ever
 RESUMABLE.add(("data", "path"))  # the sha256 of the data is checked instead
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 CSV_FIELDS = ["epoch", "step", "elapsed_s", "lr", "train_loss", "val_loss",
-              "val_energy_mae", "val_energy_rmse", "val_forces_mae", "val_forces_rmse"]
+              "val_energy_mae", "val_energy_rmse", "val_energy_per_atom_mae", "val_energy_per_atom_rmse",
+              "val_forces_mae", "val_forces_rmse"]
 
 
 def merge_config(base: dict, update: dict, where: str = "") -> dict:
@@ -149,15 +150,19 @@ def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Mo
 
 
 def evaluate(model: torch.nn.Module, dataset: GraphDataset, batch_size: int = 8) -> dict:
-    """Energy (eV, per structure) and force (eV/A, per component) MAE and RMSE."""
-    de, df = [], []
+    """Energy (eV, per structure and per atom) and force (eV/A, per component) MAE and RMSE."""
+    de, df, n_atoms = [], [], []
     for b in dataset.batches(batch_size):
         energy, forces, _ = energy_and_forces(model, *b.graph.inputs())
         de.append((energy.detach() - b.energy).double())
         df.append((forces.detach() - b.forces).double().reshape(-1))
+        n_atoms.append(torch.bincount(b.graph.batch, minlength=b.graph.n_structures))
     de, df = torch.cat(de), torch.cat(df)
+    per_atom = de / torch.cat(n_atoms)
     return {
         "energy_mae": float(de.abs().mean()), "energy_rmse": float(de.square().mean().sqrt()),
+        "energy_per_atom_mae": float(per_atom.abs().mean()),
+        "energy_per_atom_rmse": float(per_atom.square().mean().sqrt()),
         "forces_mae": float(df.abs().mean()), "forces_rmse": float(df.square().mean().sqrt()),
     }
 

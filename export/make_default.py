@@ -186,23 +186,10 @@ def model_errors(module, metadata: dict, structures) -> dict:
     import torch
 
     from efa_deploy.data import GraphDataset
-    from efa_deploy.model import energy_and_forces
+    from efa_deploy.train import evaluate
 
     dtype = getattr(torch, metadata["dtype"])
-    dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], dtype)
-    de, df = [], []
-    for batch in dataset.batches(32):
-        energy, forces, _ = energy_and_forces(module, *batch.graph.inputs())
-        de.append((energy.detach() - batch.energy).double().numpy())
-        df.append((forces.detach() - batch.forces).double().numpy().reshape(-1))
-    de, df = np.concatenate(de), np.concatenate(df)
-    per_atom = de / np.array([len(a) for a in structures], dtype=float)
-    return {
-        "energy_mae": float(np.abs(de).mean()), "energy_rmse": float(np.sqrt(np.mean(de**2))),
-        "energy_per_atom_mae": float(np.abs(per_atom).mean()),
-        "energy_per_atom_rmse": float(np.sqrt(np.mean(per_atom**2))),
-        "forces_mae": float(np.abs(df).mean()), "forces_rmse": float(np.sqrt(np.mean(df**2))),
-    }
+    return evaluate(module, GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], dtype), 32)
 
 
 def export() -> None:

@@ -15,7 +15,7 @@ from efa_deploy.calculator import EFACalculator
 from efa_deploy.data import GraphDataset, file_digest, load_structures
 from efa_deploy.graph import system_extent
 from efa_deploy.lammps import EFASimulation
-from efa_deploy.model import energy_and_forces
+from efa_deploy.train import evaluate
 from efa_deploy.modelfile import load_model_file
 
 from conftest import REPO
@@ -36,16 +36,7 @@ def shipped(request):
 
 def errors(module, metadata, structures) -> dict:
     dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], getattr(torch, metadata["dtype"]))
-    de, df = [], []
-    for batch in dataset.batches(32):
-        energy, forces, _ = energy_and_forces(module, *batch.graph.inputs())
-        de.append((energy.detach() - batch.energy).double().numpy())
-        df.append((forces.detach() - batch.forces).double().numpy().reshape(-1))
-    de, df = np.concatenate(de), np.concatenate(df)
-    per_atom = de / np.array([len(a) for a in structures])
-    return {"energy_mae": np.abs(de).mean(), "energy_rmse": np.sqrt(np.mean(de**2)),
-            "energy_per_atom_mae": np.abs(per_atom).mean(), "energy_per_atom_rmse": np.sqrt(np.mean(per_atom**2)),
-            "forces_mae": np.abs(df).mean(), "forces_rmse": np.sqrt(np.mean(df**2))}
+    return evaluate(module, dataset, 32)
 
 
 def test_reproduces_its_recorded_test_errors(shipped):
