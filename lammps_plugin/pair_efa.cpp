@@ -64,7 +64,7 @@ std::string first_line(const std::string &text)
 }  // namespace
 
 PairEFA::PairEFA(LAMMPS *lmp) :
-    Pair(lmp), device_(torch::kCPU), device_is_cuda_(false), extent_policy_(ExtentPolicy::Warn),
+    Pair(lmp), device_(torch::kCPU), extent_policy_(ExtentPolicy::Warn),
     extent_warned_(false), skip_backward_sum_(false), dtype_(torch::kFloat64), cutoff_(0.0),
     r_max_(0.0), model_periodic_(false), energy_unit_(1.0), sync_rows_(nullptr), sync_width_(0)
 {
@@ -132,7 +132,6 @@ void PairEFA::select_device(const std::string &name)
 {
   if (name == "cpu") {
     device_ = torch::Device(torch::kCPU);
-    device_is_cuda_ = false;
     return;
   }
   if (!torch::cuda::is_available())
@@ -147,7 +146,6 @@ void PairEFA::select_device(const std::string &name)
   MPI_Comm_free(&node);
   const int ngpu = static_cast<int>(torch::cuda::device_count());
   device_ = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(local_rank % ngpu));
-  device_is_cuda_ = true;
   utils::logmesg(lmp, "pair_style efa: rank {} uses cuda:{} ({} GPU(s) on its node)\n", comm->me,
                  local_rank % ngpu, ngpu);
 }

@@ -45,7 +45,6 @@ class PairEFA : public Pair {
   enum class ExtentPolicy { Warn, Error, Off };
 
   torch::Device device_;
-  bool device_is_cuda_;
   ExtentPolicy extent_policy_;
   bool extent_warned_;
   bool skip_backward_sum_;  // testing only: the wrong forces the reverse reduction prevents
