@@ -11,6 +11,7 @@ equals the pairwise sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j while all
 """
 
 import math
+from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -24,12 +25,6 @@ def frequencies(num_pairs: int, b_max: float, r_max: float) -> Tensor:
     if num_pairs == 1:
         return torch.zeros(1, dtype=torch.float64)
     return (b_max / r_max) * torch.arange(num_pairs, dtype=torch.float64) / (num_pairs - 1)
-
-
-def _one_hot(batch: Tensor, n_structures: int, weight: Tensor) -> Tensor:
-    """(N, B) with weight[i] at (i, batch[i])."""
-    out = torch.zeros(batch.shape[0], n_structures, dtype=weight.dtype, device=weight.device)
-    return out.scatter(1, batch.unsqueeze(1), weight.unsqueeze(1))
 
 
 class EuclideanFastAttention(nn.Module):
@@ -97,12 +92,18 @@ class EuclideanFastAttention(nn.Module):
         cos, sin = torch.cos(theta), torch.sin(theta)
         rot_k = self._rotate(k, cos, sin)
         rot_q = self._rotate(q, cos, sin) * self.grid_weights.repeat_interleave(2 * self.omega.numel())
-        # values spread over their structure's column: (N, B * Dv); no per-atom copy of KV
-        n, dv = v.shape
-        v_by_structure = (v.unsqueeze(1) * _one_hot(batch, n_structures, owned).unsqueeze(2)).reshape(n, n_structures * dv)
-        kv = torch.ops.efa.global_sum(rot_k.T @ v_by_structure)  # (G M 2, B Dv): the global sums
-        y = (rot_q @ kv).reshape(n, n_structures, dv)
-        return self.scale * y.gather(1, batch.view(n, 1, 1).expand(n, 1, dv)).squeeze(1)
+        # atoms of a structure are contiguous (graph.batch_graph): one (G M 2, Dv) sum per
+        # structure, formed from its owned atoms; never a copy of KV per atom
+        if n_structures == 0:
+            return v
+        v = v * owned.unsqueeze(1)
+        # (split/unbind, not slicing: their backward costs O(N), a slice's O(N) per structure)
+        sizes: List[int] = torch.bincount(batch, minlength=n_structures).tolist()
+        k_parts = torch.split(rot_k, sizes)
+        v_parts = torch.split(v, sizes)
+        kv = torch.ops.efa.global_sum(torch.stack([kp.T @ vp for kp, vp in zip(k_parts, v_parts)]))  # (B, G M 2, Dv)
+        y = [qp @ kv_b for qp, kv_b in zip(torch.split(rot_q, sizes), torch.unbind(kv))]
+        return self.scale * torch.cat(y)
 
     def _pairwise(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, batch: Tensor, owned: Tensor) -> Tensor:
         """sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j over owned j of i's structure."""
