@@ -18,7 +18,7 @@ import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from .graph import Graph, batch_graph, species_index
+from .graph import Graph, collate, species_index, structure_graph
 
 NPZ_REQUIRED = ("positions", "atomic_numbers", "energy", "forces")
 
@@ -144,20 +144,6 @@ def split_indices(n: int, sizes: Sequence[int | float | None], seed: int) -> lis
     return out
 
 
-def collate(graphs: Sequence[Graph]) -> Graph:
-    """One batch graph from single-structure graphs (edges offset, structure index set)."""
-    offsets = np.cumsum([0] + [g.positions.shape[0] for g in graphs[:-1]])
-    return Graph(
-        positions=torch.cat([g.positions for g in graphs]),
-        species=torch.cat([g.species for g in graphs]),
-        edge_index=torch.cat([g.edge_index + int(o) for g, o in zip(graphs, offsets)], dim=1),
-        edge_shift=torch.cat([g.edge_shift for g in graphs]),
-        batch=torch.cat([torch.full((g.positions.shape[0],), b, dtype=torch.long) for b, g in enumerate(graphs)]),
-        n_structures=len(graphs),
-        owned=torch.cat([g.owned for g in graphs]),
-    )
-
-
 @dataclass
 class Batch:
     graph: Graph
@@ -172,7 +158,7 @@ class GraphDataset:
                  dtype: torch.dtype = torch.float64):
         self.structures = list(structures)
         species_index(elements_of(self.structures), atomic_numbers)  # clear error for unknown elements
-        self.graphs = [batch_graph([a], atomic_numbers, cutoff, dtype) for a in self.structures]
+        self.graphs = [structure_graph(a, atomic_numbers, cutoff, dtype, i) for i, a in enumerate(self.structures)]
         self.energy = torch.tensor([a.calc.results["energy"] for a in self.structures], dtype=dtype)
         self.forces = [torch.tensor(np.asarray(a.calc.results["forces"]), dtype=dtype) for a in self.structures]
 

@@ -50,31 +50,44 @@ def neighbour_edges(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float)
     return np.stack([j, i]).astype(np.int64), shifts.astype(np.float64) @ box
 
 
-def batch_graph(structures: Sequence, atomic_numbers: Sequence[int], cutoff: float, dtype=torch.float64) -> Graph:
-    """Concatenate ASE Atoms into one graph; atoms stay grouped by structure."""
-    positions, species, edges, shifts, batch = [], [], [], [], []
-    offset = 0
-    for b, atoms in enumerate(structures):
-        pos = atoms.get_positions()
-        if not np.all(np.isfinite(pos)):
-            raise ValueError(f"structure {b} has non-finite (NaN or inf) coordinates")
-        e, s = neighbour_edges(pos, atoms.get_cell().array, atoms.get_pbc(), cutoff)
-        positions.append(pos)
-        species.append(species_index(atoms.get_atomic_numbers(), atomic_numbers))
-        edges.append(e + offset)
-        shifts.append(s)
-        batch.append(np.full(len(atoms), b))
-        offset += len(atoms)
-    n = offset
+def structure_graph(atoms, atomic_numbers: Sequence[int], cutoff: float, dtype=torch.float64, index: int = 0) -> Graph:
+    """The graph of one ASE structure (`index` names it in errors)."""
+    positions = atoms.get_positions()
+    if not np.all(np.isfinite(positions)):
+        raise ValueError(f"structure {index} has non-finite (NaN or inf) coordinates")
+    edges, shifts = neighbour_edges(positions, atoms.get_cell().array, atoms.get_pbc(), cutoff)
+    n = len(atoms)
     return Graph(
-        positions=torch.tensor(np.concatenate(positions) if n else np.zeros((0, 3)), dtype=dtype),
-        species=torch.tensor(np.concatenate(species) if n else np.zeros(0), dtype=torch.long),
-        edge_index=torch.tensor(np.concatenate(edges, axis=1) if structures else np.zeros((2, 0)), dtype=torch.long),
-        edge_shift=torch.tensor(np.concatenate(shifts) if structures else np.zeros((0, 3)), dtype=dtype),
-        batch=torch.tensor(np.concatenate(batch) if n else np.zeros(0), dtype=torch.long),
-        n_structures=len(structures),
+        positions=torch.tensor(positions.reshape(n, 3), dtype=dtype),
+        species=torch.tensor(species_index(atoms.get_atomic_numbers(), atomic_numbers), dtype=torch.long),
+        edge_index=torch.tensor(edges.reshape(2, -1), dtype=torch.long),
+        edge_shift=torch.tensor(shifts.reshape(-1, 3), dtype=dtype),
+        batch=torch.zeros(n, dtype=torch.long),
+        n_structures=1,
         owned=torch.ones(n, dtype=dtype),
     )
+
+
+def collate(graphs: Sequence[Graph]) -> Graph:
+    """One batch graph from single-structure graphs (edges offset, structure index set)."""
+    if not graphs:
+        return Graph(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+                     torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), 0, torch.zeros(0))
+    offsets = np.cumsum([0] + [g.positions.shape[0] for g in graphs[:-1]])
+    return Graph(
+        positions=torch.cat([g.positions for g in graphs]),
+        species=torch.cat([g.species for g in graphs]),
+        edge_index=torch.cat([g.edge_index + int(o) for g, o in zip(graphs, offsets)], dim=1),
+        edge_shift=torch.cat([g.edge_shift for g in graphs]),
+        batch=torch.cat([torch.full((g.positions.shape[0],), b, dtype=torch.long) for b, g in enumerate(graphs)]),
+        n_structures=len(graphs),
+        owned=torch.cat([g.owned for g in graphs]),
+    )
+
+
+def batch_graph(structures: Sequence, atomic_numbers: Sequence[int], cutoff: float, dtype=torch.float64) -> Graph:
+    """Concatenate ASE Atoms into one graph; atoms stay grouped by structure."""
+    return collate([structure_graph(a, atomic_numbers, cutoff, dtype, b) for b, a in enumerate(structures)])
 
 
 def system_extent(positions: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import collate, load_structures, split_indices
+from ..data import load_structures, split_indices
 from ..graph import batch_graph
 from ..model import energy_and_forces
 from ..modelfile import load_model_file, save_model_file
@@ -65,7 +65,7 @@ def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list,
     """Largest |difference| of energies, forces and per-atom energies between two models."""
     worst = {"energy": 0.0, "forces": 0.0, "energies": 0.0}
     for start in range(0, len(structures), batch_size):
-        graph = collate([batch_graph([a], atomic_numbers, cutoff, dtype) for a in structures[start : start + batch_size]])
+        graph = batch_graph(structures[start : start + batch_size], atomic_numbers, cutoff, dtype)
         a = energy_and_forces(scripted, *graph.inputs())
         b = energy_and_forces(eager, *graph.inputs())
         for key, x, y in zip(("energy", "forces", "energies"), a, b):
