@@ -1,27 +1,45 @@
-"""Loads the collective operators (torch.ops.efa.*) that every EFA model calls.
+"""The collective operators (torch.ops.efa.*) that every EFA model calls.
 
-Outside LAMMPS they are identities; inside, the pair style turns them into MPI and ghost
-communication (see lammps_plugin/efa_ops.h).
+Outside LAMMPS each is the identity (a copy); inside, the pair style turns them into MPI and
+ghost communication (see lammps_plugin/efa_ops.h). The compiled library libefa_ops.so is
+loaded when it is built; without it (only torch installed, no compiler run) the same operators
+are registered here in pure torch, with the same schemas and adjoints, so that models import,
+train, script and export anywhere. Both carry shape-only (fake) kernels for torch.export.
 """
 
 import torch
 
 from .paths import OPS_LIBRARY
 
+# operator -> its adjoint (the operator its backward applies)
+ADJOINTS = {"global_sum": "global_sum", "forward_ghosts": "reverse_ghosts", "reverse_ghosts": "forward_ghosts"}
+
 _loaded = False
+_library = None  # keeps the pure-torch registrations alive
 
 
-def load_ops() -> None:
+def _register_pure_torch() -> None:
+    global _library
+    _library = torch.library.Library("efa", "DEF")
+    for name in ADJOINTS:
+        _library.define(f"{name}(Tensor x) -> Tensor")
+        _library.impl(name, torch.clone, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"efa::{name}", torch.empty_like, lib=_library)
+    for name, adjoint in ADJOINTS.items():
+        adjoint_op = getattr(torch.ops.efa, adjoint)
+        torch.library.register_autograd(f"efa::{name}", lambda ctx, grad, op=adjoint_op: op(grad), lib=_library)
+
+
+def load_ops() -> str:
+    """Register torch.ops.efa once per process; returns which implementation is in use."""
     global _loaded
-    if _loaded:
-        return
-    if not OPS_LIBRARY.exists():
-        raise RuntimeError(
-            f"{OPS_LIBRARY} is missing: build it with `make build` "
-            "(or `python lammps_plugin/build.py`), or reinstall with `pip install --no-build-isolation .`"
-        )
-    torch.ops.load_library(str(OPS_LIBRARY))
-    _loaded = True
+    if not _loaded:
+        if OPS_LIBRARY.exists():
+            torch.ops.load_library(str(OPS_LIBRARY))
+        else:
+            _register_pure_torch()
+        _loaded = True
+    return "compiled" if _library is None else "pure torch"
 
 
 load_ops()

