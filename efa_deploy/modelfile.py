@@ -107,6 +107,11 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     return metadata
 
 
+def _corrupt(path: Path) -> MetadataError:
+    return MetadataError(f"{path}: metadata field 'network_crc32' does not match the network: the file is corrupt; "
+                         "copy it again or export it again")
+
+
 def _unreadable(path: Path, reason: str) -> ValueError:
     return ValueError(f"{path} is not a readable TorchScript model file ({reason}); re-export it with efa-export")
 
@@ -120,8 +125,8 @@ def read_metadata(path: str | os.PathLike) -> dict:
     try:
         records = _zip_records(path)
     except zipfile.BadZipFile as err:
-        if "CRC" in str(err):
-            raise ValueError(f"{path} is corrupt ({err}); copy it again or export it again") from None
+        if "CRC" in str(err):  # the zip's own checksums, which Python checks and libtorch does not
+            raise _corrupt(path) from None
         raise _unreadable(path, str(err)) from None
     except OSError as err:
         raise _unreadable(path, str(err)) from None
@@ -137,8 +142,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise MetadataError(f"{path}: {err}") from None
     stored = metadata.get("network_crc32")
     if stored is not None and network_crc32(records) != stored:
-        raise MetadataError(f"{path}: metadata field 'network_crc32' does not match the network: the file is corrupt; "
-                            "copy it again or export it again")
+        raise _corrupt(path)
     return metadata
 
 
