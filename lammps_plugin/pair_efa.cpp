@@ -67,6 +67,15 @@ std::string first_line(const std::string &text)
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
+// The error itself: TorchScript puts it on the last line, after the trace of the scripted code.
+std::string last_line(const std::string &text)
+{
+  const auto end = text.find_last_not_of(" \n");
+  if (end == std::string::npos) return text;
+  const auto start = text.find_last_of('\n', end);
+  return text.substr(start == std::string::npos ? 0 : start + 1, end + 1 - (start == std::string::npos ? 0 : start + 1));
+}
+
 // Test-only switches, read from the environment so that no input deck can set them.
 bool env_flag(const char *name)
 {
@@ -412,9 +421,9 @@ void PairEFA::compute(int eflag, int vflag)
     forces = forces.to(torch::kCPU, torch::kFloat64).contiguous();
     atomic = atomic.detach().to(torch::kCPU, torch::kFloat64).contiguous();
   } catch (const c10::Error &e) {
-    evaluation_failed(first_line(e.what_without_backtrace()));
+    evaluation_failed(last_line(e.what_without_backtrace()));
   } catch (const std::exception &e) {
-    evaluation_failed(e.what());
+    evaluation_failed(last_line(e.what()));
   }
 
   const double *fr = forces.data_ptr<double>();
