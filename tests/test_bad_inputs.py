@@ -81,7 +81,7 @@ def test_lmp_overlapping_atoms_name_them(files, tmp_path, nprocs):
 def test_lmp_evaluation_failure_on_one_rank_ends_the_job(files, tmp_path):
     proc = lmp_deck(files, tmp_path, 2, env={"EFA_TEST_FAIL_ON_RANK": "1"})
     assert proc.returncode != 0
-    assert "model evaluation failed on rank 1 at step 0: failure injected" in proc.stdout + proc.stderr
+    assert "model evaluation failed on rank 1 at step 0: RuntimeError: failure injected" in proc.stdout + proc.stderr
 
 
 def test_lmp_unsafe_keyword_is_gone(files, tmp_path):
@@ -130,7 +130,7 @@ def test_host_overlapping_atoms_raise_and_the_host_lives(files):
 def test_host_evaluation_failure_on_one_rank_raises(files, monkeypatch):
     monkeypatch.setenv("EFA_TEST_FAIL_ON_RANK", "0")
     lmp = host(files)
-    with pytest.raises(Exception, match="model evaluation failed on rank 0 at step 0: failure injected"):
+    with pytest.raises(Exception, match="model evaluation failed on rank 0 at step 0: RuntimeError: failure injected"):
         lmp.command("run 0")
     lmp.close()
 
@@ -169,7 +169,7 @@ def test_python_host_under_mpiexec_raises_alike_or_aborts(files, tmp_path):
     out = proc.stdout + proc.stderr
     for rank in (0, 1):
         assert f"rank {rank} raised: ERROR: pair_style efa: the model gave NaN or inf" in out
-    assert "model evaluation failed on rank 1 at step 0: failure injected" in out
+    assert "model evaluation failed on rank 1 at step 0: RuntimeError: failure injected" in out
     assert proc.returncode != 0 and "returned" not in out
 
 
