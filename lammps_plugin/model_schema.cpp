@@ -154,14 +154,15 @@ uint32_t crc32(uint32_t crc, const void *data, size_t size)
   return ~crc;
 }
 
-}  // namespace
-
+// the version writers write: the newest one this build reads
 int newest_format_version()
 {
   for (const auto &spec : schema()["fields"])
     if (spec["name"] == "format_version") return spec["maximum"].get<int>();
   return 0;
 }
+
+}  // namespace
 
 std::string check_metadata(const json &metadata)
 {

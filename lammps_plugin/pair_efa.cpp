@@ -72,8 +72,9 @@ std::string last_line(const std::string &text)
 {
   const auto end = text.find_last_not_of(" \n");
   if (end == std::string::npos) return text;
-  const auto start = text.find_last_of('\n', end);
-  return text.substr(start == std::string::npos ? 0 : start + 1, end + 1 - (start == std::string::npos ? 0 : start + 1));
+  const auto newline = text.find_last_of('\n', end);
+  const auto start = newline == std::string::npos ? 0 : newline + 1;
+  return text.substr(start, end + 1 - start);
 }
 
 // Test-only switches, read from the environment so that no input deck can set them.

