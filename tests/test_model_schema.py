@@ -16,7 +16,7 @@ import torch
 
 from efa_deploy.lammps import start_lammps
 from efa_deploy.model import ModelConfig
-from efa_deploy.model_schema import FORMAT_VERSION, network_crc32
+from efa_deploy.model_schema import FORMAT_VERSION, SCHEMA, network_crc32
 from efa_deploy.modelfile import METADATA_NAME, MetadataError, model_metadata, read_metadata, save_model_file
 
 from conftest import jittered_cluster, randomised_model
@@ -90,14 +90,53 @@ MUTATIONS = [
     ("provenance", DELETE, "is missing"),
     ("provenance.package_version", 1, "should be a string, got integer"),
 ]
+WRONG_TYPE = {"string": 7, "integer": "7", "number": "7.0", "boolean": "true", "array": {"a": 1}, "object": [1]}
+
+
+def wrong_value(spec: dict, good):
+    """A value of the right type that breaks one of the field's rules (None when it has none)."""
+    if "enum" in spec:
+        return ["x"] if spec["type"] == "array" else "x"
+    if spec["type"] == "array":
+        if spec.get("ascending"):
+            return list(reversed(good)) if len(good) > 1 else [2, 1]
+        if spec.get("unique"):
+            return [good[0], good[0]]
+        return [] if spec.get("min_items") else None
+    for rule, bad in (("minimum", lambda b: b - 1), ("exclusive_minimum", lambda b: b), ("maximum", lambda b: b + 1)):
+        if rule in spec:
+            return bad(spec[rule])
+    if "hex_digits" in spec:
+        return "z" * spec["hex_digits"]
+    return True if "false_if" in spec else None
+
+
+def schema_mutations(metadata: dict) -> list:
+    """Every field of the schema: missing, of a wrong type, and (where it has a rule) of a wrong value."""
+    from efa_deploy.model_schema import lookup
+
+    cases = []
+    for spec in SCHEMA["fields"]:
+        name = spec["name"]
+        good = lookup(metadata, name)[1]
+        cases.append((name, DELETE, "is missing"))
+        cases.append((name, WRONG_TYPE[spec["type"]], "should be"))
+        bad = wrong_value(spec, good)
+        if bad is not None:
+            cases.append((name, bad, "must"))
+    return cases
+
+
+CONFIG = ModelConfig(atomic_numbers=[1, 6, 8], features=8, num_layers=2, cutoff=4.0, r_max=20.0)
+MODEL = randomised_model(CONFIG, seed=3)
+MUTATIONS += schema_mutations(model_metadata(MODEL, CONFIG))
 IDS = [f"{name} {'missing' if value is DELETE else json.dumps(value)}"[:50] for name, value, _ in MUTATIONS]
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("schema")
-    config = ModelConfig(atomic_numbers=[1, 6, 8], features=8, num_layers=2, cutoff=4.0, r_max=20.0)
-    model = randomised_model(config, seed=3)
+    model, config = MODEL, CONFIG
     save_model_file(model, config, root / "good.pt")
     scripted = torch.jit.script(model.eval())
     metadata = model_metadata(model, config)
