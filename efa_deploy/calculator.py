@@ -10,7 +10,10 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .graph import batch_graph, system_extent
+from .graph import Graph, batch_graph, system_extent
+
+# Angstrom: the closest pair is named when it is this close and the results are not finite (as in the plugin)
+CLOSE_CONTACT = 0.5
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -106,6 +109,7 @@ class EFACalculator(Calculator):
         energy = atomic.sum()
         wrt = [positions, strain] if want_stress else [positions]
         grads = torch.autograd.grad(energy, wrt)
+        check_finite_results(atomic.detach(), grads[0].detach(), graph)
         self.results["energy"] = float(energy.detach())
         self.results["free_energy"] = self.results["energy"]
         self.results["forces"] = (-grads[0]).detach().cpu().numpy().astype(np.float64)
@@ -114,3 +118,21 @@ class EFACalculator(Calculator):
             stress = grads[1].detach().cpu().numpy() / atoms.get_volume()
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]].astype(np.float64)
 
+
+def check_finite_results(atomic: torch.Tensor, gradient: torch.Tensor, graph: Graph) -> None:
+    """A ValueError naming the atoms whose energy or force is NaN or inf, and the closest pair
+    when it overlaps (the usual cause)."""
+    bad = ~torch.isfinite(atomic) | ~torch.isfinite(gradient).all(dim=1)
+    if not bool(bad.any()):
+        return
+    where = " ".join(str(i) for i in torch.nonzero(bad).flatten()[:3].tolist())
+    pair = ""
+    if graph.edge_index.shape[1]:
+        sender, receiver = graph.edge_index
+        distance = (graph.positions[sender] - graph.positions[receiver] + graph.edge_shift).norm(dim=1)
+        k = int(torch.argmin(distance))
+        if float(distance[k]) < CLOSE_CONTACT:
+            a, b = sorted((int(sender[k]), int(receiver[k])))
+            pair = f"; atoms {a} and {b} are {float(distance[k]):.3g} A apart"
+    raise ValueError(f"the model gave NaN or inf energies or forces (atom indices {where}){pair}; check the structure "
+                     "(overlapping atoms, a blown-up run) and the model file")

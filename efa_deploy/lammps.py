@@ -40,6 +40,20 @@ THERMOSTATS = ("langevin", "nose-hoover")
 THERMO_KEYS = ("step", "time", "temp", "pe", "ke", "etotal", "econserve", "press", "vol")
 LAMMPS_DATA_SUFFIXES = (".data", ".lmp", ".lammps")
 TRAJECTORY_FORMATS = ("extxyz", "lammps-dump")
+# LAMMPS's random number generators take seeds in 1 .. 900000000
+MAX_SEED = 900_000_000
+
+
+def require_positive(name: str, value: float, unit: str, allow_zero: bool = False) -> None:
+    """A ValueError unless value is a finite number > 0 (>= 0 with allow_zero); NaN never passes."""
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be {'>=' if allow_zero else '>'} 0 {unit}, not {value}")
+
+
+def require_seed(name: str, seed: int) -> None:
+    if not 1 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be between 1 and {MAX_SEED} (LAMMPS's random number generators), not {seed}")
 
 
 def start_lammps(args: Sequence[str] = ("-screen", "none", "-log", "none"), comm=None):
@@ -53,10 +67,18 @@ def start_lammps(args: Sequence[str] = ("-screen", "none", "-log", "none"), comm
 
 
 def model_metadata(model: str | os.PathLike) -> dict:
-    """The metadata of a model file, read without loading the network into LAMMPS."""
-    from .modelfile import load_model_file
+    """The validated metadata of a model file, read without loading the network."""
+    from .modelfile import read_metadata
 
-    return load_model_file(model)[1]
+    return read_metadata(model)
+
+
+def start_file(path: str | os.PathLike) -> None:
+    """Create (or empty) an output file now, so that an unwritable path fails before the run."""
+    try:
+        open(path, "w").close()
+    except OSError as err:
+        raise OSError(f"cannot write {path} ({err.strerror}); choose a writable output path") from None
 
 
 def is_lammps_data(path: str | os.PathLike) -> bool:
@@ -170,18 +192,9 @@ class EFASimulation:
         self._has_velocities = atoms.has("momenta") and bool(np.any(atoms.get_momenta() != 0))
 
         # one data file, written by rank 0, read by every rank: IDs are 1..N in input order
-        self._tmp = self.comm.bcast(tempfile.mkdtemp(prefix="efa-md-") if self.rank == 0 else None, root=0)
+        self._tmp = self._on_root(lambda: tempfile.mkdtemp(prefix="efa-md-"))
         data = Path(self._tmp) / "structure.data"
-        written = None
-        if self.rank == 0:
-            try:
-                written = self._write_data(atoms, data, margin)
-            except Exception as err:  # every rank raises it: none is left waiting
-                written = err
-        written = self.comm.bcast(written, root=0)
-        if isinstance(written, Exception):
-            raise written
-        self._prism, self._shift = written
+        self._prism, self._shift = self._on_root(lambda: self._write_data(atoms, data, margin))
 
         args = ["-log", str(log) if log else "none", "-nocite"] + ([] if screen else ["-screen", "none"])
         self.lmp = start_lammps(args, self.comm)
@@ -208,11 +221,30 @@ thermo_modify   norm no flush yes lost error
 
     # ---- set-up -------------------------------------------------------------------------------
 
+    def _on_root(self, action: Callable[[], object]):
+        """Run action on rank 0 and return its result, or raise its error, on every rank: a
+        failure on rank 0 alone (a file it cannot write) must not leave the other ranks waiting
+        in a collective that rank 0 never reaches."""
+        outcome = None
+        if self.rank == 0:
+            try:
+                outcome = (True, action())
+            except Exception as err:
+                outcome = (False, err)
+        ok, value = self.comm.bcast(outcome, root=0)
+        if not ok:
+            raise value
+        return value
+
     def _write_data(self, atoms, path: Path, margin: float):
         from ase.calculators.lammps import Prism
         from ase.io import write
 
         atoms = atoms.copy()
+        # ASE writes the types of an "type" array (from a data file read earlier) when there is
+        # one, ignoring specorder, but the masses in specorder: types must follow the model's
+        # element order, which pair_coeff assumes, so the numbers alone decide
+        atoms.arrays.pop("type", None)
         shift = np.zeros(3)
         if not atoms.pbc.any():
             # a finite structure in a shrink-wrapped box with room around it (ASE writes a box
@@ -340,8 +372,8 @@ thermo_modify   norm no flush yes lost error
     def set_velocities(self, temperature: float, seed: int = 4928459) -> None:
         """Maxwell-Boltzmann velocities at `temperature` (K), no net momentum (and, for a finite
         structure, no net angular momentum); the same for every rank count."""
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 K, not {temperature}")
+        require_positive("temperature", temperature, "K", allow_zero=True)
+        require_seed("seed", seed)
         rot = "no" if self.periodic.any() else "yes"
         self.lmp.command(f"velocity all create {temperature} {seed} dist gaussian mom yes rot {rot} loop all")
         self._has_velocities = True
@@ -370,13 +402,17 @@ thermo_modify   norm no flush yes lost error
         steps = int(steps)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, not {steps}")
-        if not timestep_fs > 0:
-            raise ValueError(f"timestep must be > 0 fs, not {timestep_fs}")
+        require_positive("timestep", timestep_fs, "fs")
+        require_positive("damping", damping_fs, "fs")
+        require_positive("barostat damping", barostat_damping_fs, "fs")
+        if not math.isfinite(pressure_bar):
+            raise ValueError(f"pressure must be a finite number of bar, not {pressure_bar}")
+        require_seed("seed", seed)
         if ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {', '.join(ENSEMBLES)}, not {ensemble!r}")
         if thermostat not in THERMOSTATS:
             raise ValueError(f"thermostat must be one of {', '.join(THERMOSTATS)}, not {thermostat!r}")
-        if ensemble in ("nvt", "npt") and (temperature is None or not temperature > 0):
+        if ensemble in ("nvt", "npt") and (temperature is None or not (temperature > 0 and math.isfinite(temperature))):
             raise ValueError(f"ensemble {ensemble} needs a temperature > 0 K")
         if ensemble == "npt" and not (self.metadata["periodic"] and self.periodic.all()):
             raise ValueError(
@@ -392,6 +428,8 @@ thermo_modify   norm no flush yes lost error
                 raise ValueError(f"trajectory_format must be one of {', '.join(TRAJECTORY_FORMATS)}, "
                                  f"not {trajectory_format!r}")
 
+        if trajectory is not None:
+            self._on_root(lambda: start_file(trajectory))
         self._unfix()
         self.lmp.command(f"timestep {timestep_fs * 1e-3}")
         if not self._has_velocities and temperature is not None and temperature > 0:
@@ -424,8 +462,6 @@ thermo_modify   norm no flush yes lost error
                              "format float %.10g first yes colname f_efa_forces[1] fx colname f_efa_forces[2] fy "
                              "colname f_efa_forces[3] fz")
             # the first frame is the state before the first step
-        elif trajectory is not None and self.rank == 0:
-            Path(trajectory).unlink(missing_ok=True)
 
         record: dict[str, list] = {k: [] for k in (*THERMO_KEYS, "wall")}
         start = time.perf_counter()
@@ -445,7 +481,8 @@ thermo_modify   norm no flush yes lost error
             if self.periodic.any():
                 forces = self._prism.vector_to_ase(forces)
             elapsed = float(self.lmp.get_thermo("time"))
-            if self.rank == 0:
+
+            def append() -> None:
                 from ase.calculators.singlepoint import SinglePointCalculator
                 from ase.io import write
 
@@ -453,6 +490,8 @@ thermo_modify   norm no flush yes lost error
                 atoms.info["step"] = self.step
                 atoms.info["time_ps"] = elapsed
                 write(trajectory, atoms, format="extxyz", append=True, parallel=False)
+
+            self._on_root(append)
 
         # the first run sets up neighbour lists and forces; after it, blocks skip the set-up
         self.lmp.command("run 0")
@@ -487,11 +526,10 @@ thermo_modify   norm no flush yes lost error
     def write_structure(self, path: str | os.PathLike, format: str | None = None) -> None:
         """The current structure (with velocities, energy and forces) to any ase.io format;
         rank 0 writes."""
-        atoms = self.atoms(forces=True)
-        if self.rank == 0:
-            from ase.io import write
+        from ase.io import write
 
-            write(path, atoms, format=format, parallel=False)
+        atoms = self.atoms(forces=True)
+        self._on_root(lambda: write(path, atoms, format=format, parallel=False))
 
     write_trajectory = write_structure  # one frame; run(trajectory=...) writes many
 

@@ -1,10 +1,14 @@
-"""The model-file contract (DESIGN.md section 5): one TorchScript file whose extra file
-`metadata.json` the LAMMPS plugin and the Python side both read."""
+"""The model file (docs/model-format.md): one TorchScript file whose extra file
+`metadata.json` the LAMMPS plugin and the Python side both read and check against one schema
+(model_schema.json), and whose network is covered by a CRC-32 stored in that metadata."""
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -12,16 +16,16 @@ from ase.data import chemical_symbols
 
 from . import __version__
 from .model import EnergyModel, ModelConfig
+from .model_schema import (FIELDS, FORMAT_VERSION, METADATA_RECORD, MetadataError, network_crc32, parse_metadata,
+                           validate_metadata)
 
-FORMAT = "efa-deploy-model"
-FORMAT_VERSION = 1
+FORMAT = FIELDS["format"]["enum"][0]
 METADATA_NAME = "metadata.json"
-# (field, type) pairs every reader relies on; the plugin checks the same list
-REQUIRED_FIELDS = (
-    ("format", str), ("format_version", int), ("elements", list), ("atomic_numbers", list),
-    ("cutoff", float), ("num_layers", int), ("efa", dict), ("dtype", str), ("units", dict),
-    ("periodic", bool), ("config", dict), ("provenance", dict),
-)
+# the arguments of EnergyModel.forward, in order: what every caller passes
+INPUTS = FIELDS["inputs"]["enum"][0]
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "MetadataError", "load_model_file", "model_metadata", "read_metadata",
+           "save_model_file", "validate_metadata"]
 
 
 def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | None = None) -> dict:
@@ -30,8 +34,8 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
     if config.use_efa:
         block = model.layers[0].global_update.efa
         efa.update(
-            grid_points=config.grid_points, b_max=float(config.b_max), r_max=float(config.r_max),
-            frequencies=[float(w) for w in block.omega.tolist()],
+            grid_points=config.grid_points, grid_rules=[config.grid_points], b_max=float(config.b_max),
+            r_max=float(config.r_max), frequencies=[float(w) for w in block.omega.tolist()],
             D=2 * int(block.omega.numel()), Dv=config.value_dim,
         )
     return {
@@ -41,65 +45,113 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
         "atomic_numbers": list(config.atomic_numbers),
         "cutoff": float(config.cutoff),
         "num_layers": int(config.num_layers),
+        "inputs": list(INPUTS),
+        # values per atom in each forward_ghosts/reverse_ghosts call: the scalar and the three
+        # vector components of every feature (EnergyModel.forward)
+        "ghost_width": 4 * int(config.features),
         "efa": efa,
         "dtype": str(dtype).removeprefix("torch."),
         "units": {"energy": "eV", "length": "Angstrom"},
         "periodic": config.periodic,
         "config": config.to_dict(),
-        "provenance": {"package_version": __version__, **(provenance or {})},
+        "provenance": {"package_version": __version__, "torch_version": torch.__version__, **(provenance or {})},
     }
+
+
+def _non_finite_fields(value, name: str = "") -> list[str]:
+    if isinstance(value, float) and not math.isfinite(value):
+        return [name]
+    if isinstance(value, dict):
+        return [bad for k, v in value.items() for bad in _non_finite_fields(v, f"{name}.{k}" if name else k)]
+    if isinstance(value, (list, tuple)):
+        return [bad for i, v in enumerate(value) for bad in _non_finite_fields(v, f"{name}[{i}]")]
+    return []
+
+
+def _check_finite_weights(model: torch.nn.Module) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"model weight '{name}' holds NaN or inf: the training diverged; export an earlier "
+                             "checkpoint or train again with a smaller learning rate")
+
+
+def _zip_records(source) -> dict[str, bytes]:
+    """Records of a TorchScript zip by their name inside its archive folder."""
+    with zipfile.ZipFile(source) as z:
+        return {info.filename.split("/", 1)[1]: z.read(info) for info in z.infolist() if "/" in info.filename}
 
 
 def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.PathLike, provenance: dict | None = None,
                     overwrite: bool = False) -> dict:
-    """Script the model and write it with its metadata atomically; returns the metadata."""
+    """Script the model and write it with its metadata atomically; returns the metadata.
+    Refuses weights or metadata that hold NaN or inf."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder {path.parent} does not exist")
+    _check_finite_weights(model)
     metadata = model_metadata(model, config, provenance)
+    bad = _non_finite_fields(metadata)
+    if bad:
+        raise ValueError(f"metadata field '{bad[0]}' is NaN or inf: a model file holds finite numbers only")
     scripted = torch.jit.script(model.eval())
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: "{}"})
+    metadata["network_crc32"] = network_crc32(_zip_records(buffer))
+    validate_metadata(metadata)
     tmp = path.with_name(path.name + ".tmp")
-    torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
+    torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(metadata, indent=1, allow_nan=False)})
+    read_metadata(tmp)  # the written file passes every reader's checks, its digest included
     os.replace(tmp, path)
     return metadata
 
 
-def validate_metadata(metadata: dict, source: str = "model file") -> dict:
-    for name, kind in REQUIRED_FIELDS:
-        if name not in metadata:
-            raise ValueError(f"{source}: metadata field '{name}' is missing")
-        value = metadata[name]
-        if kind is float and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, kind):
-            raise ValueError(f"{source}: metadata field '{name}' should be {kind.__name__}, got {type(value).__name__}")
-    if metadata["format"] != FORMAT:
-        raise ValueError(f"{source}: metadata field 'format' is {metadata['format']!r}, expected {FORMAT!r}")
-    if metadata["format_version"] != FORMAT_VERSION:
-        raise ValueError(
-            f"{source}: metadata field 'format_version' is {metadata['format_version']}, this package reads "
-            f"{FORMAT_VERSION}; re-export the model with this version of efa-export"
-        )
-    if len(metadata["elements"]) != len(metadata["atomic_numbers"]):
-        raise ValueError(f"{source}: metadata fields 'elements' and 'atomic_numbers' differ in length")
+def _corrupt(path: Path) -> MetadataError:
+    return MetadataError(f"{path}: metadata field 'network_crc32' does not match the network: the file is corrupt; "
+                         "copy it again or export it again")
+
+
+def _unreadable(path: Path, reason: str) -> ValueError:
+    return ValueError(f"{path} is not a readable TorchScript model file ({reason}); re-export it with efa-export")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The validated metadata of a model file, without loading its network; checks the
+    network's bytes against the stored CRC-32."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    try:
+        records = _zip_records(path)
+    except zipfile.BadZipFile as err:
+        if "CRC" in str(err):  # the zip's own checksums, which Python checks and libtorch does not
+            raise _corrupt(path) from None
+        raise _unreadable(path, str(err)) from None
+    except OSError as err:
+        raise _unreadable(path, str(err)) from None
+    if METADATA_RECORD not in records:
+        raise ValueError(f"{path} has no {METADATA_NAME}: it was not written by efa-export")
+    try:
+        metadata = parse_metadata(records[METADATA_RECORD])
+    except ValueError as err:  # json.JSONDecodeError, UnicodeDecodeError and NaN are ValueErrors
+        raise ValueError(f"{path}: {METADATA_NAME} is not valid JSON ({err})") from None
+    try:
+        validate_metadata(metadata)
+    except MetadataError as err:
+        raise MetadataError(f"{path}: {err}") from None
+    stored = metadata.get("network_crc32")
+    if stored is not None and network_crc32(records) != stored:
+        raise _corrupt(path)
     return metadata
 
 
 def load_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
     """Load a TorchScript model file and its validated metadata; clear errors for bad files."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    extra = {METADATA_NAME: ""}
+    metadata = read_metadata(path)
     try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+        module = torch.jit.load(str(path), map_location=device)
     except Exception as err:  # torch raises RuntimeError subclasses with long C++ traces
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a readable TorchScript model file ({first}); re-export it with efa-export") from None
-    if not extra[METADATA_NAME]:
-        raise ValueError(f"{path} has no {METADATA_NAME}: it was not written by efa-export")
-    try:
-        metadata = json.loads(extra[METADATA_NAME])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: {METADATA_NAME} is not valid JSON ({err})") from None
-    return module, validate_metadata(metadata, str(path))
+        raise _unreadable(Path(path), first) from None
+    return module, metadata

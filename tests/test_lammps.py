@@ -80,7 +80,7 @@ def test_rank_counts_agree(tmp_path, efa_model, cluster, one_rank, nprocs, proce
 def test_skipping_the_backward_sum_gives_wrong_forces(tmp_path, efa_model, cluster, one_rank):
     """Negative control: without the second reduction, forces at 2 ranks are wrong."""
     write_data(cluster, tmp_path / "data.lmp", ELEMENTS)
-    result = static_run(tmp_path, efa_model, ELEMENTS, nprocs=2, pair_args="unsafe_skip_backward_sum yes")
+    result = static_run(tmp_path, efa_model, ELEMENTS, nprocs=2, env={"EFA_UNSAFE_SKIP_BACKWARD_SUM": "1"})
     assert result.energy == pytest.approx(one_rank.energy, rel=1e-10)  # forward is untouched
     assert np.abs(result.forces - one_rank.forces).max() > 1e-3
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,10 +27,24 @@ from ..train import load_checkpoint, model_from_checkpoint
 CHECK_TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
 
 
+def eager_model(ckpt: dict, checkpoint: str | Path, weights: str) -> tuple[torch.nn.Module, object]:
+    """The checkpoint's model, with one-line errors for what a model file cannot hold."""
+    if ckpt["dtype"] not in CHECK_TOLERANCE:
+        raise ValueError(f"{checkpoint}: dtype {ckpt['dtype']!r} cannot be exported; model files hold "
+                         f"{' or '.join(CHECK_TOLERANCE)} (train with training.dtype float32 or float64)")
+    try:
+        return model_from_checkpoint(ckpt, weights)
+    except RuntimeError as err:  # load_state_dict: the weights' shapes do not fit the configuration
+        first = str(err).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line), first[0])
+        raise ValueError(f"{checkpoint}: the weights do not fit the model configuration ({detail}); the checkpoint "
+                         "was edited or written by another version of efa-train") from None
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, weights: str = "ema", force: bool = False) -> dict:
     """Write the model file of a checkpoint (EMA weights by default); returns its metadata."""
     ckpt = load_checkpoint(checkpoint)
-    model, config = model_from_checkpoint(ckpt, weights)
+    model, config = eager_model(ckpt, checkpoint, weights)
     data = ckpt["train_config"]["data"]
     provenance = {
         "data_digest": ckpt.get("data_digest"),
@@ -62,14 +77,19 @@ def held_out_structures(ckpt: dict, data_path: str | Path | None = None, count: 
 
 def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list, atomic_numbers, cutoff: float,
             dtype: torch.dtype, batch_size: int = 16) -> dict:
-    """Largest |difference| of energies, forces and per-atom energies between two models."""
+    """Largest |difference| of energies, forces and per-atom energies between two models; NaN
+    when either model gives NaN or inf."""
     worst = {"energy": 0.0, "forces": 0.0, "energies": 0.0}
     for start in range(0, len(structures), batch_size):
         graph = batch_graph(structures[start : start + batch_size], atomic_numbers, cutoff, dtype)
         a = energy_and_forces(scripted, *graph.inputs())
         b = energy_and_forces(eager, *graph.inputs())
         for key, x, y in zip(("energy", "forces", "energies"), a, b):
-            worst[key] = max(worst[key], float((x.detach() - y.detach()).abs().max()))
+            x, y = x.detach(), y.detach()
+            finite = bool(torch.isfinite(x).all() and torch.isfinite(y).all())
+            diff = float((x - y).abs().max()) if finite else math.nan
+            if not math.isnan(worst[key]) and not diff <= worst[key]:  # a NaN, once in, stays
+                worst[key] = diff
     return worst
 
 
@@ -78,13 +98,14 @@ def check_model_file(model_file: str | Path, checkpoint: str | Path, weights: st
     """Reload model_file and compare it with the checkpoint's eager model on held-out data."""
     scripted, metadata = load_model_file(model_file)
     ckpt = load_checkpoint(checkpoint)
-    eager, config = model_from_checkpoint(ckpt, weights)
+    eager, config = eager_model(ckpt, checkpoint, weights)
     structures = held_out_structures(ckpt, data_path, count)
     dtype = next(eager.parameters()).dtype
     worst = compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, dtype)
     tol = CHECK_TOLERANCE[metadata["dtype"]]
-    return {"structures": len(structures), "max_abs_diff": worst, "tolerance": tol,
-            "passed": all(v <= tol for v in worst.values())}
+    finite = all(math.isfinite(v) for v in worst.values())
+    return {"structures": len(structures), "max_abs_diff": {k: v if math.isfinite(v) else None for k, v in worst.items()},
+            "finite": finite, "tolerance": tol, "passed": finite and all(v <= tol for v in worst.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,11 +125,13 @@ def main(argv: list[str] | None = None) -> int:
               f"EFA {'on' if metadata['efa']['enabled'] else 'off'}, {metadata['dtype']}")
         if args.check:
             result = check_model_file(args.output, args.checkpoint, weights, args.check_data, args.check_count)
-            print(json.dumps(result, indent=1))
+            print(json.dumps(result, indent=1, allow_nan=False))
             if not result["passed"]:
-                print(f"efa-export: check FAILED: differences above {result['tolerance']}", file=sys.stderr)
+                reason = (f"differences above {result['tolerance']}" if result["finite"]
+                          else "the model gives NaN or inf energies or forces")
+                print(f"efa-export: check FAILED: {reason}", file=sys.stderr)
                 return 1
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:
         print(f"efa-export: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -81,7 +81,7 @@ CHOICES = {"ensemble": ("nve", "nvt", "npt"), "thermostat": ("langevin", "nose-h
 def check_arguments(args) -> tuple[dict, object]:
     """Every check that needs no LAMMPS; returns the model metadata and the structure.
     Raises ValueError / FileNotFoundError with one line each."""
-    from ..lammps import check_structure, load_structure
+    from ..lammps import check_structure, load_structure, model_metadata, require_positive, require_seed
 
     for name, allowed in CHOICES.items():
         value = getattr(args, name)
@@ -89,29 +89,27 @@ def check_arguments(args) -> tuple[dict, object]:
             raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, not {args.steps}")
-    if not (args.timestep > 0 and math.isfinite(args.timestep)):
-        raise ValueError(f"--timestep must be > 0 fs, not {args.timestep}")
+    require_positive("--timestep", args.timestep, "fs")
     if args.timestep > 5.0:
         raise ValueError(f"--timestep {args.timestep} fs is too large for atomistic MD (use <= 5 fs; 0.5 fs with H)")
     if args.ensemble in ("nvt", "npt") and not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0 K for {args.ensemble}, not {args.temperature}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0 K, not {args.temperature}")
-    if args.damping <= 0:
-        raise ValueError(f"--damping must be > 0 fs, not {args.damping}")
+    require_positive("--temperature", args.temperature, "K", allow_zero=True)
+    require_positive("--damping", args.damping, "fs")
+    if not math.isfinite(args.pressure):
+        raise ValueError(f"--pressure must be a finite number of bar, not {args.pressure}")
+    require_seed("--seed", args.seed)
     if args.output_every <= 0 or args.thermo_every < 0:
         raise ValueError("--output-every must be > 0 and --thermo-every >= 0")
-    if args.minimize and args.fmax <= 0:
-        raise ValueError(f"--fmax must be > 0 eV/A, not {args.fmax}")
+    if args.minimize:
+        require_positive("--fmax", args.fmax, "eV/A")
     model = Path(args.model)
     if not model.is_file():
         raise FileNotFoundError(f"model file {model} does not exist")
     structure = Path(args.structure)
     if not structure.is_file():
         raise FileNotFoundError(f"structure file {structure} does not exist")
-    from ..modelfile import load_model_file
-
-    _, metadata = load_model_file(model)
+    metadata = model_metadata(model)
     atoms = load_structure(structure, metadata, args.elements)
     check_structure(atoms, metadata, str(structure))
     if args.ensemble == "npt" and not (metadata["periodic"] and np.all(atoms.pbc)):
@@ -183,13 +181,14 @@ def summarise(thermo: dict, n_atoms: int, timestep_fs: float, steps: int, wall_s
     least-squares line through it."""
     t = thermo["time"] - thermo["time"][0]
     econs = thermo["econserve"]
-    drift = float(np.polyfit(t, econs, 1)[0] / n_atoms) if len(t) > 2 and t[-1] > 0 else float("nan")
+    # None (null in the JSON) when the run is too short to fit a slope
+    drift = float(np.polyfit(t, econs, 1)[0] / n_atoms) if len(t) >= 2 and t[-1] > 0 else None
     half = len(thermo["temp"]) // 2
     return {
         "atoms": n_atoms, "ranks": ranks, "ensemble": ensemble, "steps": steps, "timestep_fs": timestep_fs,
         "simulated_ps": steps * timestep_fs * 1e-3, "wall_s": wall_s,
-        "steps_per_s": steps / wall_s if wall_s > 0 else float("nan"),
-        "ns_per_day": steps * timestep_fs * 1e-6 / wall_s * 86400 if wall_s > 0 else float("nan"),
+        "steps_per_s": steps / wall_s if wall_s > 0 else 0.0,
+        "ns_per_day": steps * timestep_fs * 1e-6 / wall_s * 86400 if wall_s > 0 else 0.0,
         "temperature_mean_K": float(np.mean(thermo["temp"][half:])) if len(thermo["temp"]) else float("nan"),
         "temperature_std_K": float(np.std(thermo["temp"][half:])) if len(thermo["temp"]) else float("nan"),
         "potential_energy_first_eV": float(thermo["pe"][0]), "potential_energy_last_eV": float(thermo["pe"][-1]),
@@ -205,8 +204,9 @@ def print_summary(s: dict) -> None:
     print(f"{PROG}: temperature {s['temperature_mean_K']:.1f} +- {s['temperature_std_K']:.1f} K (second half); "
           f"potential energy {s['potential_energy_first_eV']:.4f} -> {s['potential_energy_last_eV']:.4f} eV")
     label = "total energy" if s["ensemble"] == "nve" else "conserved energy (total + thermostat)"
-    print(f"{PROG}: {label} drift {s['conserved_energy_drift_eV_per_atom_per_ps']:.2e} eV/atom/ps, "
-          f"largest deviation {s['conserved_energy_max_deviation_eV_per_atom']:.2e} eV/atom")
+    drift = s["conserved_energy_drift_eV_per_atom_per_ps"]
+    drift = f"{drift:.2e} eV/atom/ps" if drift is not None else "n/a (the run is too short to fit a slope)"
+    print(f"{PROG}: {label} drift {drift}, largest deviation {s['conserved_energy_max_deviation_eV_per_atom']:.2e} eV/atom")
 
 
 def write_thermo_csv(thermo: dict, path: Path) -> None:
@@ -297,7 +297,7 @@ def run(args) -> int:
         summary = summarise(thermo, sim.n_atoms, args.timestep, args.steps, wall, ranks, ensemble, extra)
         write_thermo_csv(thermo, stem.with_suffix(".thermo.csv"))
         plot_thermo(thermo, sim.n_atoms, plot, f"{Path(structure).name}, {label}, {args.timestep} fs, {ranks} rank(s)")
-        stem.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        stem.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         print_summary(summary)
         print(f"{PROG}: wrote {output}, {stem.with_suffix('.thermo.csv')}, {plot}, {stem.with_suffix('.summary.json')}")
     return 0
@@ -307,20 +307,29 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         check_arguments(args)
-    except (ValueError, FileNotFoundError) as err:
-        if _rank() == 0:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    try:
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # raised alike on every rank (EFASimulation shares rank 0's)
         if _rank() == 0:
             print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # LAMMPS errors (lost atoms, extent error, ...) arrive as plain Exceptions
+    except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{PROG}: error: {first}", file=sys.stderr)
+        if type(err) is Exception:  # LAMMPS's error->all (lost atoms, extent error, ...): on every rank
+            if _rank() == 0:
+                print(f"{PROG}: error: {first}", file=sys.stderr)
+            return 1
+        # an error on this rank alone (LAMMPS's MPIAbortException, or anything unforeseen): the
+        # other ranks may wait for it in a collective, so end the whole job
+        print(f"{PROG}: error on rank {_rank()}: {first}", file=sys.stderr, flush=True)
+        abort_job(1)
         return 1
+
+
+def abort_job(code: int) -> None:
+    """MPI_Abort when other ranks exist; nothing on one rank."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.COMM_WORLD.Get_size() > 1:
+        mpi.COMM_WORLD.Abort(code)
 
 
 if __name__ == "__main__":
