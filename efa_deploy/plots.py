@@ -46,9 +46,11 @@ def plot_learning_curve(csv_path: Path, png_path: Path) -> None:
     _save(fig, png_path)
 
 
-def plot_parity(predictions, png_path: Path, title: str = "") -> None:
-    """Model against reference: energy per atom, and force components coloured by element."""
+def plot_parity(predictions, png_path: Path, title: str = "", report: dict | None = None) -> None:
+    """Model against reference: energy per atom, and force components coloured by element
+    (with the MAEs of an error report in the panel titles when one is given)."""
     from ase.data import chemical_symbols
+    from matplotlib.ticker import MaxNLocator
 
     p = predictions
     fig, (ax1, ax2) = _pyplot().subplots(1, 2, figsize=(10, 4.5))
@@ -61,7 +63,12 @@ def plot_parity(predictions, png_path: Path, title: str = "") -> None:
     ax2.set_xlabel("reference force component (eV/A)")
     ax2.set_ylabel("model force component (eV/A)")
     ax2.legend(markerscale=3, fontsize=8)
+    if report:
+        ax1.set_title(f"MAE {report['energy_per_atom_mae']:.4g} eV/atom", fontsize=9)
+        ax2.set_title(f"MAE {report['forces_mae']:.4g} eV/A", fontsize=9)
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+        ax.yaxis.set_major_locator(MaxNLocator(5))
         lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
         ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
         ax.set_xlim(lo, hi)

@@ -210,18 +210,19 @@ class Run:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if tc.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
-        largest = float("inf")  # max |x| norms: finite exactly when every entry is, and never overflow
-        step = self.step + 1
-        for label, value in (("the predicted energies are", energy), ("the predicted forces are", forces),
-                             ("the loss is", loss),
-                             ("the gradient is", torch.nn.utils.get_total_norm([p.grad for p in params], largest))):
-            if not bool(torch.isfinite(value.detach()).all()):
-                self.diverged(f"{label} not finite", step)
+        # the loss is finite exactly when every predicted energy and force is; the largest |gradient|
+        # when every gradient is. With both finite, an Adam step (at most about lr per weight) keeps
+        # the weights finite, so they are checked only before each checkpoint is written.
+        largest_grad = torch.nn.utils.get_total_norm([p.grad for p in params], float("inf"))
+        if not bool(torch.isfinite(torch.stack([loss.detach(), largest_grad])).all()):
+            for label, value in (("the predicted energies are", energy), ("the predicted forces are", forces),
+                                 ("the gradient is", largest_grad)):
+                if not bool(torch.isfinite(value.detach()).all()):
+                    self.diverged(f"{label} not finite", self.step + 1)
+            self.diverged("the loss is not finite", self.step + 1)
         self.optimizer.step()
         self.scheduler.step()
-        if not math.isfinite(float(torch.nn.utils.get_total_norm(list(self.model.parameters()), largest))):
-            self.diverged("the weights are not finite after the optimiser step", step)
-        self.step = step
+        self.step += 1
         self.ema.update(self.model, self.step)
         return float(loss.detach()), float(de.detach().abs().mean()), float(df.detach().abs().mean())
 

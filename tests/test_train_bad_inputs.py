@@ -103,6 +103,8 @@ def test_bad_training_input(good_data, tmp_path, capsys, name, change, pattern):
 @pytest.mark.parametrize("argv, pattern", [
     (["{yaml}", "--set", "training.lr"], r"--set expects section.key=value"),
     (["{yaml}", "--set", "training.lr.x=1"], r"'training.lr' must be a finite number, got \{'x': 1\}"),
+    (["{yaml}", "--set", "training.lr=[1"], r"--set 'training.lr=\[1': the value is not valid YAML; quote it"),
+    (["{yaml}", "--set", "data=5", "--set", "data.path=x"], r"'data' was given a value by an earlier --set"),
     (["{root}/no.yaml"], r"cannot read config .*no.yaml"),
     (["{bad_yaml}"], r"is not valid YAML"),
     (["--resume"], r"--resume without a config file needs -o/--output"),

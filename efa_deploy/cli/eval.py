@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot:
             from ..plots import plot_parity
 
-            plot_parity(predictions, Path(args.plot), f"{Path(args.model).name} on {Path(args.data).name}")
+            plot_parity(predictions, Path(args.plot), f"{Path(args.model).name} on {Path(args.data).name}", report)
     except (ValueError, FileNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,12 @@ def parse_set(items: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: '{part}' was given a value by an earlier --set, not settings")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML; quote it") from None
     return out
 
 
