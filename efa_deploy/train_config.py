@@ -108,7 +108,7 @@ class TrainConfig:
 RESUMABLE = ("training.epochs", "training.time_budget", "training.checkpoint_every", "training.threads",
              "training.progress", "training.plot_every",
              "data.path")  # the sha256 of the data is checked instead
-SPLIT_SIZES = ("n_train", "n_val", "n_test", "split_by")
+SPLIT_SETTINGS = ("n_train", "n_val", "n_test", "split_seed", "split_by")
 
 
 def _check_together(config: TrainConfig) -> None:
@@ -118,7 +118,7 @@ def _check_together(config: TrainConfig) -> None:
     if tc.energy_weight == 0 and tc.forces_weight == 0:
         raise ValueError("training.energy_weight and training.forces_weight are both 0: nothing to fit; make one positive")
     if dc.validation is not None:
-        unused = SPLIT_SIZES
+        unused = SPLIT_SETTINGS
         why = "data.validation names a file (all of data.path is training data)"
     elif dc.test is not None:
         unused = ("n_train", "n_test")

@@ -155,3 +155,18 @@ def test_split_by_ase_db_key(tmp_path):
     sets = [{a.info["trajectory"] for a in s} for s in (splits.train, splits.validation, splits.test)]
     assert [len(s) for s in sets] == [2, 1, 1] and len(set.union(*sets)) == 4
     assert [len(s) for s in (splits.train, splits.validation, splits.test)] == [6, 3, 3]
+
+
+def test_export_check_takes_the_held_out_set_of_the_checkpoint(tmp_path):
+    from efa_deploy.checkpoint import load_checkpoint
+    from efa_deploy.cli.export import held_out_structures
+    from efa_deploy.train import train
+
+    train_set, val = lj_structures(12, seed=1), lj_structures(4, seed=2)
+    write_npz(tmp_path / "train.npz", train_set)
+    write_npz(tmp_path / "val.npz", val)
+    config = tiny_config(tmp_path / "train.npz", tmp_path / "run", epochs=1)
+    config["data"] = {"path": str(tmp_path / "train.npz"), "validation": str(tmp_path / "val.npz")}
+    train(config)
+    held_out = held_out_structures(load_checkpoint(tmp_path / "run" / "last.ckpt"))
+    assert energies(held_out) == energies(val)  # no test set: the validation file, as given
