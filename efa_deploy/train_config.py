@@ -14,14 +14,19 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .model import ModelConfig
 
 DEFAULT_OUTPUT = "runs/efa"
+DATA_FILES = ("path", "validation", "test")  # the data settings that name files
 
 
 def setting(default, help: str, check=None, choices: tuple | None = None):
@@ -102,6 +107,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The settings of a YAML config file, its relative paths made relative to the file."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise ValueError(f"cannot read config {path}: {err.strerror}; check the path") from None
+    except yaml.YAMLError as err:
+        first = str(err).replace("\n", " ")
+        raise ValueError(f"{path} is not valid YAML ({first}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of settings (data:, model:, training:, output:)")
+    base = path.resolve().parent
+    if isinstance(data.get("data"), dict):
+        for key in DATA_FILES:
+            if isinstance(data["data"].get(key), str):
+                data["data"][key] = str(base / data["data"][key])
+    if isinstance(data.get("output"), str):
+        data["output"] = str(base / data["output"])
+    return data
 
 
 # settings a resumed run may change; everything else must match the checkpoint

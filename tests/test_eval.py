@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 from conftest import randomised_model
 from efa_testdata import TINY_MODEL, lj_structures, tiny_config, write_npz
 
@@ -13,6 +14,7 @@ from efa_deploy.cli.eval import main
 from efa_deploy.cli.export import export_checkpoint
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
+from efa_deploy.splits import split_indices
 from efa_deploy.train import train
 
 
@@ -88,12 +90,31 @@ def test_checkpoint_and_its_export_give_the_same_errors(files, capsys, tmp_path)
         assert a[key] == pytest.approx(b[key], rel=1e-10)
 
 
+def test_a_set_of_a_training_config(files, capsys, tmp_path):
+    """--split test of a YAML config evaluates exactly the structures its split holds out."""
+    root, structures = files
+    (tmp_path / "cfg").mkdir()
+    config = {"data": {"path": "../data.npz", "n_train": 6, "n_val": 2, "n_test": None, "split_seed": 5}}
+    (tmp_path / "cfg" / "c.yaml").write_text(yaml.safe_dump(config))  # relative to the YAML file
+    test = split_indices(12, [6, 2, None], 5)[2]
+    write_npz(tmp_path / "data.npz", structures)
+    write_npz(tmp_path / "test.npz", [structures[i] for i in test])
+    by_config = run_json(capsys, root / "model.pt", tmp_path / "cfg" / "c.yaml", "--split", "test")
+    by_file = run_json(capsys, root / "model.pt", tmp_path / "test.npz")
+    assert by_config["structures"] == len(test) == 4
+    for key, value in by_file.items():
+        assert by_config[key] == pytest.approx(value, rel=1e-12), key
+    validation = run_json(capsys, root / "model.pt", tmp_path / "cfg" / "c.yaml", "--split", "validation")
+    assert validation["structures"] == 2 and validation["energy_mae"] != pytest.approx(by_config["energy_mae"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.pt", "{data}"], "model file missing.pt does not exist"),
     (["{model}", "missing.npz"], "data file missing.npz does not exist"),
     (["{model}", "{data}", "--plot", "no/such/dir/p.png"], "the folder no/such/dir does not exist"),
     (["{model}", "{data}", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["{model}", "{other}"], r"element\(s\) H not known to this model"),
+    (["{model}", "{data}", "--split", "test"], r"--split test picks a set of a training config's split"),
 ])
 def test_bad_inputs(files, capsys, args, message):
     root, _ = files

@@ -20,9 +20,7 @@ import yaml
 
 from ..checkpoint import load_checkpoint
 from ..train import TrainingDiverged, train
-from ..train_config import TrainConfig
-
-DATA_FILES = ("path", "validation", "test")
+from ..train_config import DATA_FILES, TrainConfig, read_yaml
 
 
 def parse_set(items: list[str]) -> dict:
@@ -53,30 +51,9 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def read_yaml(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as err:
-        raise ValueError(f"cannot read config {path}: {err.strerror}; check the path") from None
-    except yaml.YAMLError as err:
-        first = str(err).replace("\n", " ")
-        raise ValueError(f"{path} is not valid YAML ({first}); fix its syntax") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of settings (data:, model:, training:, output:)")
-    base = path.resolve().parent
-    if isinstance(data.get("data"), dict):
-        for key in DATA_FILES:
-            if isinstance(data["data"].get(key), str):
-                data["data"][key] = str(base / data["data"][key])
-    if isinstance(data.get("output"), str):
-        data["output"] = str(base / data["output"])
-    return data
-
-
 def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.config is not None:
-        config = read_yaml(Path(args.config))
+        config = read_yaml(args.config)
     elif args.resume:
         if args.output is None:
             raise ValueError("--resume without a config file needs -o/--output, the run's folder")
