@@ -34,7 +34,7 @@ def load_any(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, di
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     if _is_checkpoint(path):
-        from .train import load_checkpoint, model_from_checkpoint
+        from .checkpoint import load_checkpoint, model_from_checkpoint
 
         ckpt = load_checkpoint(path)
         model, config = model_from_checkpoint(ckpt, "ema")

@@ -1,8 +1,10 @@
-"""Training data: read structures with reference energies and forces, split them, batch them.
+"""Training data: read structures with reference energies and forces, check them, batch them.
 
-Formats: the npz layout of ../shared/datasets (keys positions, atomic_numbers, energy, forces,
-optional node_mask for padding) and anything ase.io reads that carries energies and forces
-(extxyz, ASE db, ...). Structures become ase.Atoms with a SinglePointCalculator.
+Formats: npz (keys positions (S, N, 3), atomic_numbers (S, N), energy (S,), forces (S, N, 3),
+node_mask (S, N) when structures are padded to N atoms, and any other per-structure array of
+shape (S,), e.g. a trajectory id, which lands in atoms.info) and anything ase.io reads that
+carries energies and forces (extxyz, ASE db, ...). Structures become ase.Atoms with a
+SinglePointCalculator. Splitting them is splits.py's job.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def _read_npz(path: Path) -> list[Atoms]:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
             arrays = {k: npz[k] for k in (*NPZ_REQUIRED, "node_mask") if k in keys}
+            extras = _per_structure_arrays(npz, len(arrays["positions"]) if "positions" in arrays else 0)
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as err:
         raise ValueError(f"{path} is not a readable npz file (truncated or corrupt?): {err}") from None
     missing = [k for k in NPZ_REQUIRED if k not in keys]
@@ -67,19 +70,41 @@ def _read_npz(path: Path) -> list[Atoms]:
         )
     if energy.reshape(-1).shape != (s,):
         raise ValueError(f"{path}: energy has shape {energy.shape}, expected ({s},)")
-    mask = arrays.get("node_mask", np.ones(numbers.shape, dtype=bool)).astype(bool)
+    if "node_mask" not in arrays and np.any(numbers == 0):
+        k = int(np.flatnonzero((numbers == 0).any(axis=1))[0])
+        raise ValueError(f"{path}: structure {k} has atomic number 0 and there is no node_mask: if structures are "
+                         "padded, add a boolean node_mask array (S, N) that is true for real atoms")
+    mask = arrays.get("node_mask", np.ones(numbers.shape, dtype=bool))
     if mask.shape != numbers.shape:
         raise ValueError(f"{path}: node_mask has shape {mask.shape}, expected {numbers.shape}")
+    mask = mask.astype(bool)
     energy = energy.reshape(-1).astype(np.float64)
     if not np.all(np.isfinite(numbers[mask])) or np.any(numbers[mask] != np.round(numbers[mask])):
         raise ValueError(f"{path}: atomic_numbers must be whole numbers")
     structures = []
     for k in range(s):
         m = mask[k]
-        atoms = Atoms(numbers=numbers[k, m].astype(np.int64), positions=pos[k, m].astype(np.float64))
+        atoms = Atoms(numbers=numbers[k, m].astype(np.int64), positions=pos[k, m].astype(np.float64),
+                      info={key: values[k].item() for key, values in extras.items()})
         atoms.calc = SinglePointCalculator(atoms, energy=float(energy[k]), forces=forces[k, m].astype(np.float64))
         structures.append(atoms)
     return structures
+
+
+def _per_structure_arrays(npz, count: int) -> dict:
+    """The optional arrays of one value per structure (group ids, charges, ...); arrays of
+    Python objects (they would need pickle) are left out."""
+    out = {}
+    for key in npz.files:
+        if key in NPZ_REQUIRED or key == "node_mask":
+            continue
+        try:
+            values = npz[key]
+        except ValueError:
+            continue
+        if values.shape == (count,):
+            out[key] = values
+    return out
 
 
 def _read_ase(path: Path, index: str) -> list[Atoms]:
@@ -87,10 +112,19 @@ def _read_ase(path: Path, index: str) -> list[Atoms]:
 
     try:
         structures = ase.io.read(path, index=index)
+        structures = list(structures) if isinstance(structures, list) else [structures]
+        if path.suffix == ".db":  # ase.io leaves out the rows' key-value pairs (group ids, ...)
+            import ase.db
+            from ase.io.formats import string2index
+
+            with ase.db.connect(path) as db:
+                pairs = [row.key_value_pairs for row in db.select()][string2index(index)]
+            for atoms, info in zip(structures, pairs if isinstance(pairs, list) else [pairs]):
+                atoms.info.update(info)
     except Exception as err:  # ase raises many kinds for truncated or foreign files
         raise ValueError(f"{path} could not be read by ase.io (truncated, corrupt or unknown format?): "
                          f"{type(err).__name__}: {err}") from None
-    return list(structures) if isinstance(structures, list) else [structures]
+    return structures
 
 
 def _check_structure(atoms: Atoms, where: str) -> None:
@@ -102,6 +136,9 @@ def _check_structure(atoms: Atoms, where: str) -> None:
     for name in ("energy", "forces"):
         if results.get(name) is None:
             raise ValueError(f"{where} has no {name}; training needs energies and forces")
+    bad = [int(z) for z in atoms.numbers if not 1 <= z <= 118]
+    if bad:
+        raise ValueError(f"{where} has atomic number {bad[0]}, not an element; remove it (padding? use node_mask)")
     if not np.all(np.isfinite(atoms.positions)):
         raise ValueError(f"{where} has NaN or infinite positions")
     if not np.isfinite(results["energy"]):
@@ -115,33 +152,6 @@ def _check_structure(atoms: Atoms, where: str) -> None:
 def elements_of(structures: Sequence[Atoms]) -> list[int]:
     """Sorted atomic numbers present in the structures."""
     return sorted({int(z) for atoms in structures for z in atoms.numbers})
-
-
-def split_indices(n: int, sizes: Sequence[int | float | None], seed: int) -> list[np.ndarray]:
-    """Disjoint index sets of the given sizes from one seeded permutation of range(n).
-
-    A size is a count, a fraction of n (a float below 1), or None for all that remain.
-    The same (n, sizes, seed) always gives the same split.
-    """
-    counts = []
-    for size in sizes:
-        if size is None:
-            counts.append(None)
-        elif isinstance(size, float) and 0 < size < 1:
-            counts.append(int(round(size * n)))
-        else:
-            counts.append(int(size))
-    fixed = sum(c for c in counts if c is not None)
-    rest = n - fixed
-    if fixed > n or any(c is not None and c < 0 for c in counts):
-        raise ValueError(f"split sizes {list(sizes)} need {fixed} structures, the data has {n}")
-    counts = [rest if c is None else c for c in counts]
-    perm = np.random.default_rng(seed).permutation(n)
-    out, start = [], 0
-    for c in counts:
-        out.append(np.sort(perm[start : start + c]))
-        start += c
-    return out
 
 
 @dataclass

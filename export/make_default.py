@@ -173,12 +173,10 @@ def train() -> None:
 
 
 def test_split(config: dict):
-    from efa_deploy.data import load_structures, split_indices
+    from efa_deploy.splits import load_splits
 
-    data = config["data"]
-    structures = load_structures(data["path"])
-    _, _, test = split_indices(len(structures), [data["n_train"], data["n_val"], data["n_test"]], data["split_seed"])
-    return [structures[i] for i in test], test
+    splits = load_splits(config["data"])
+    return splits.test, splits.indices["test"]
 
 
 def model_errors(module, metadata: dict, structures) -> dict:
@@ -186,7 +184,7 @@ def model_errors(module, metadata: dict, structures) -> dict:
     import torch
 
     from efa_deploy.data import GraphDataset
-    from efa_deploy.train import evaluate
+    from efa_deploy.metrics import evaluate
 
     dtype = getattr(torch, metadata["dtype"])
     return evaluate(module, GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], dtype), 32)
@@ -195,10 +193,10 @@ def model_errors(module, metadata: dict, structures) -> dict:
 def export() -> None:
     import torch
 
+    from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
     from efa_deploy.data import file_digest
     from efa_deploy.model import build_model
     from efa_deploy.modelfile import load_model_file, save_model_file
-    from efa_deploy.train import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(RUN / "best.ckpt")
     trained, config = model_from_checkpoint(ckpt, "ema")

@@ -38,7 +38,7 @@ def lj_structures(count: int, seed: int = 0, elements=(6, 8), n_atoms=(3, 6)) ->
 
 
 def write_npz(path, structures, pad_to: int | None = None, **overrides) -> None:
-    """The npz layout of ../shared/datasets, padding every structure to pad_to atoms."""
+    """The npz layout efa_deploy.data reads, padding every structure to pad_to atoms."""
     n = pad_to or max(len(a) for a in structures)
     s = len(structures)
     arrays = {
@@ -58,14 +58,12 @@ def write_npz(path, structures, pad_to: int | None = None, **overrides) -> None:
 
 def tiny_config(data_path, output, **training) -> dict:
     """A complete efa-train config for a tiny model that trains in seconds."""
-    from efa_deploy.train import DEFAULTS, merge_config
-
     settings = {"batch_size": 4, "epochs": 3, "checkpoint_every": 10, "progress": False, "plot_every": 0.0,
                 "lr": 1e-2, "lr_final": 3e-3, "ema_decay": 0.9}
     settings.update(training)
-    return merge_config(DEFAULTS, {
+    return {
         "data": {"path": str(data_path), "n_train": 24, "n_val": 8, "n_test": 8, "split_seed": 1},
         "model": copy.deepcopy(TINY_MODEL),
         "training": settings,
         "output": str(output),
-    })
+    }

@@ -11,10 +11,11 @@ from ase.md.verlet import VelocityVerlet
 from efa_testdata import lj_structures, tiny_config, write_npz
 
 import efa_deploy
+from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
 from efa_deploy.cli.export import export_checkpoint
 from efa_deploy.graph import batch_graph
 from efa_deploy.model import energy_and_forces
-from efa_deploy.train import load_checkpoint, model_from_checkpoint, train
+from efa_deploy.train import train
 
 
 @pytest.fixture(scope="module")

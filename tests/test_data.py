@@ -10,7 +10,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from efa_testdata import lj_structures, write_npz
 
-from efa_deploy.data import GraphDataset, collate, fit_energy_shifts, load_structures, split_indices
+from efa_deploy.data import GraphDataset, collate, fit_energy_shifts, load_structures
 from efa_deploy.graph import batch_graph
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -40,6 +40,34 @@ def test_npz_without_mask(tmp_path):
     assert_same(load_structures(tmp_path / "d.npz"), structures)
 
 
+def test_padded_npz_without_mask_is_refused(tmp_path):
+    """Atomic number 0 is padding, not an element: without node_mask the file is refused."""
+    structures = lj_structures(4, n_atoms=(3, 5))
+    write_npz(tmp_path / "d.npz", structures, pad_to=6, node_mask=None)
+    with pytest.raises(ValueError, match="structure 0 has atomic number 0 and there is no node_mask"):
+        load_structures(tmp_path / "d.npz")
+    write_npz(tmp_path / "masked.npz", structures, pad_to=6)  # the same arrays with the mask load
+    assert_same(load_structures(tmp_path / "masked.npz"), structures)
+
+
+def test_atomic_number_zero_in_extxyz_is_refused(tmp_path):
+    structures = lj_structures(2)
+    structures[1].numbers[0] = 0
+    ase.io.write(tmp_path / "x.extxyz", structures)
+    with pytest.raises(ValueError, match="structure 1 has atomic number 0, not an element"):
+        load_structures(tmp_path / "x.extxyz")
+
+
+def test_npz_per_structure_arrays_land_in_info(tmp_path):
+    structures = lj_structures(4)
+    write_npz(tmp_path / "d.npz", structures, trajectory=np.array([3, 3, 5, 5]),
+              system=np.array(["a", "b", "a", "b"]), per_atom_extra=np.zeros((4, 6)))
+    loaded = load_structures(tmp_path / "d.npz")
+    assert [a.info["trajectory"] for a in loaded] == [3, 3, 5, 5]
+    assert [a.info["system"] for a in loaded] == ["a", "b", "a", "b"]
+    assert all("per_atom_extra" not in a.info for a in loaded)
+
+
 def test_extxyz_and_ase_db(tmp_path):
     structures = lj_structures(5)
     ase.io.write(tmp_path / "d.extxyz", structures)
@@ -55,19 +83,6 @@ def test_published_datasets_load():
     assert pairs[0].numbers.tolist() == [1, 2]
     clusters = load_structures(DATASETS / "3D_cluster_16_atoms_radius_2point5.npz")
     assert len(clusters) == 2500 and {len(a) for a in clusters} == {16}
-
-
-def test_splits_are_deterministic_and_disjoint():
-    a = split_indices(100, [60, 20, None], seed=3)
-    b = split_indices(100, [60, 20, None], seed=3)
-    c = split_indices(100, [60, 20, None], seed=4)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not np.array_equal(a[0], c[0])
-    assert [len(x) for x in a] == [60, 20, 20]
-    assert len(np.unique(np.concatenate(a))) == 100
-    assert [len(x) for x in split_indices(10, [0.5, 0.2, 0.3], seed=0)] == [5, 2, 3]
-    with pytest.raises(ValueError, match="need 120 structures"):
-        split_indices(100, [100, 20, None], seed=0)
 
 
 def test_collate_matches_batch_graph():

@@ -15,7 +15,7 @@ from efa_deploy.calculator import EFACalculator
 from efa_deploy.data import GraphDataset, file_digest, load_structures
 from efa_deploy.graph import system_extent
 from efa_deploy.lammps import EFASimulation
-from efa_deploy.train import evaluate
+from efa_deploy.metrics import evaluate
 from efa_deploy.modelfile import load_model_file
 
 from conftest import REPO

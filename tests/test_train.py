@@ -14,9 +14,11 @@ import torch
 import yaml
 from efa_testdata import lj_structures, tiny_config, write_npz
 
-from efa_deploy.cli.train import build_config, make_parser
-from efa_deploy.data import fit_energy_shifts, load_structures, split_indices
-from efa_deploy.train import Run, load_checkpoint, train
+from efa_deploy.checkpoint import load_checkpoint, non_finite_tensors
+from efa_deploy.cli.train import build_config, main, make_parser
+from efa_deploy.data import fit_energy_shifts, load_structures
+from efa_deploy.splits import split_indices
+from efa_deploy.train import Run, steps_within_budget, train
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +93,10 @@ def test_cli_config_and_overrides(data_file, tmp_path):
     args = make_parser().parse_args([str(tmp_path / "cfg" / "c.yaml"), "--no-efa", "--epochs", "7",
                                      "--set", "training.lr=2.5e-4", "--set", "model.num_layers=3"])
     config = build_config(args)
-    assert Path(config["data"]["path"]) == Path(data_file).resolve()  # relative to the YAML file
-    assert Path(config["output"]) == (tmp_path / "cfg" / "out").resolve()
-    assert config["model"] == {"features": 8, "use_efa": False, "num_layers": 3}
-    assert config["training"]["epochs"] == 7 and config["training"]["lr"] == 2.5e-4
+    assert Path(config.data.path) == Path(data_file).resolve()  # relative to the YAML file
+    assert Path(config.output) == (tmp_path / "cfg" / "out").resolve()
+    assert config.model == {"features": 8, "use_efa": False, "num_layers": 3}
+    assert config.training.epochs == 7 and config.training.lr == 2.5e-4
     bad = make_parser().parse_args([str(tmp_path / "cfg" / "c.yaml"), "--set", "training.learning_rate=1"])
     with pytest.raises(ValueError, match="unknown setting 'training.learning_rate'"):
         build_config(bad)
@@ -149,3 +151,38 @@ def test_resume_refuses_other_settings_or_data(data_file, tmp_path):
         Run(tiny_config(other, tmp_path / "run", epochs=1), resume=True)
     longer = tiny_config(data_file, tmp_path / "run", epochs=2)  # more epochs may be asked for
     assert train(longer, resume=True)["step"] == 12
+
+
+def test_huge_learning_rate_stops_at_the_step_and_keeps_the_last_good_checkpoint(data_file, tmp_path, capsys):
+    config = tiny_config(data_file, tmp_path / "run", epochs=50, lr=1e3, lr_final=1e3, checkpoint_every=1)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(tmp_path / "c.yaml")]) == 1
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message
+    step = int(message.split("training diverged at step ")[1].split(":")[0])
+    kept = int(message.split("(step ")[1].split(")")[0])
+    assert 0 < kept < step and "lower training.lr" in message
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt")
+    assert ckpt["step"] == kept
+    assert not non_finite_tensors(ckpt["model"]) and not non_finite_tensors(ckpt["ema"])
+    assert train(tiny_config(data_file, tmp_path / "run", epochs=1), resume=False)  # a fresh run still trains
+
+
+def test_progress_total_counts_the_time_budget():
+    # 100 steps in 10 s of a 60 s budget: 500 more steps, not the epoch bound of 10^6
+    assert steps_within_budget(100, 10.0, 60.0, 10**6, 0, 0.0) == 600
+    assert steps_within_budget(150, 20.0, 60.0, 10**6, 100, 10.0) == 350  # the pace of this session
+    assert steps_within_budget(100, 10.0, 60.0, 300, 0, 0.0) == 300  # the epoch bound comes first
+    assert steps_within_budget(100, 10.0, None, 300, 0, 0.0) == 300
+    assert steps_within_budget(100, 70.0, 60.0, 10**6, 0, 0.0) == 100
+
+
+def test_progress_eta_of_a_budgeted_run_is_the_budget(data_file, tmp_path, capsys):
+    budget = 2.0
+    config = tiny_config(data_file, tmp_path / "run", epochs=100_000, time_budget=budget, progress=True,
+                         plot_every=1e9, checkpoint_every=10**6)
+    train(config)
+    shown = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    etas = [line.split("<")[1].split(",")[0] for line in shown if "[" in line and "<" in line]
+    seconds = [int(m) * 60 + int(s) for m, s in (t.split(":")[-2:] for t in etas if t != "?")]
+    assert seconds and max(seconds) <= budget + 1, etas

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_structures, split_indices
+from ..checkpoint import load_checkpoint, model_from_checkpoint
+from ..data import load_structures
 from ..graph import batch_graph
 from ..model import energy_and_forces
 from ..modelfile import load_model_file, save_model_file
-from ..train import load_checkpoint, model_from_checkpoint
 
 # largest |difference| accepted between the TorchScript file and the eager model
 CHECK_TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
@@ -65,14 +65,14 @@ def held_out_structures(ckpt: dict, data_path: str | Path | None = None, count: 
     checkpoint's test split (its validation split when the test split is empty)."""
     if data_path is not None:
         return load_structures(data_path)[:count]
+    from ..splits import load_splits
+
     data = ckpt["train_config"]["data"]
-    path = Path(data["path"])
-    if not path.is_file():
-        raise FileNotFoundError(f"the training data {path} is not here; pass --check-data FILE")
-    structures = load_structures(path)
-    _, val, test = split_indices(len(structures), [data["n_train"], data["n_val"], data["n_test"]], data["split_seed"])
-    chosen = test if len(test) else val
-    return [structures[i] for i in chosen[:count]]
+    for key in ("path", "validation", "test"):
+        if data.get(key) and not Path(data[key]).is_file():
+            raise FileNotFoundError(f"the training data {data[key]} is not here; pass --check-data FILE")
+    splits = load_splits(data)
+    return (splits.test or splits.validation)[:count]
 
 
 def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list, atomic_numbers, cutoff: float,

@@ -218,33 +218,6 @@ def write_thermo_csv(thermo: dict, path: Path) -> None:
             w.writerow([int(v) if k == "step" else f"{v:.10g}" for k, v in zip(keys, row)])
 
 
-def plot_thermo(thermo: dict, n_atoms: int, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = thermo["time"]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
-    e0 = thermo["econserve"][0]
-    ax1.plot(t, (thermo["pe"] - e0) / n_atoms, label="potential")
-    ax1.plot(t, (thermo["etotal"] - e0) / n_atoms, label="total")
-    ax1.plot(t, (thermo["econserve"] - e0) / n_atoms, label="conserved", ls="--")
-    ax1.set_ylabel(f"energy - {e0:.3f} eV (eV/atom)")
-    ax1.legend(loc="best", fontsize=8)
-    ax1.grid(alpha=0.3)
-    ax1.set_title(title, fontsize=9)
-    ax2.plot(t, thermo["temp"], color="C3")
-    ax2.set_xlabel("time (ps)")
-    ax2.set_ylabel("temperature (K)")
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 # ---- main -----------------------------------------------------------------------------------
 
 
@@ -252,6 +225,7 @@ def run(args) -> int:
     from mpi4py import MPI
 
     from ..lammps import EFASimulation
+    from ..plots import plot_thermo
 
     comm = MPI.COMM_WORLD
     rank, ranks = comm.Get_rank(), comm.Get_size()

@@ -3,8 +3,10 @@
     efa-train config.yaml [--set training.lr=5e-4 ...] [-o runs/x] [--epochs 50] [--time-budget 900]
     efa-train --resume -o runs/x          # continue a killed run from runs/x/last.ckpt
 
-Relative paths in the YAML file (data.path, output) are relative to that file; paths given on
-the command line are relative to the current directory.
+Relative paths in the YAML file (data.path, data.validation, data.test, output) are relative to
+that file; paths given on the command line are relative to the current directory. Every setting
+is described in docs/training.md. A run that diverges (NaN or inf) stops with exit status 1 and
+keeps its last good checkpoint; a bad config or data file gives exit status 2.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from ..train import DEFAULTS, load_checkpoint, merge_config
+from ..checkpoint import load_checkpoint
+from ..train import TrainingDiverged, train
+from ..train_config import DATA_FILES, TrainConfig, read_yaml
 
 
 def parse_set(items: list[str]) -> dict:
@@ -30,32 +34,26 @@ def parse_set(items: list[str]) -> dict:
         parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: '{part}' was given a value by an earlier --set, not settings")
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML; quote it") from None
     return out
 
 
-def read_yaml(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except OSError as err:
-        raise ValueError(f"cannot read config {path}: {err}") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of settings")
-    base = path.resolve().parent
-    if data.get("data", {}).get("path"):
-        data["data"]["path"] = str(base / data["data"]["path"])
-    if data.get("output"):
-        data["output"] = str(base / data["output"])
-    return data
+def merge(base: dict, update: dict) -> dict:
+    """update laid over base, section by section (TrainConfig.from_dict checks the result)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
-def build_config(args: argparse.Namespace) -> dict:
-    config = DEFAULTS
+def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.config is not None:
-        config = merge_config(config, read_yaml(Path(args.config)))
+        config = read_yaml(args.config)
     elif args.resume:
         if args.output is None:
             raise ValueError("--resume without a config file needs -o/--output, the run's folder")
@@ -67,19 +65,19 @@ def build_config(args: argparse.Namespace) -> dict:
         cli["data"]["path"] = str(Path(args.data).resolve())
     if args.output is not None:
         cli["output"] = str(Path(args.output).resolve())
-    for flag, key in (("epochs", "epochs"), ("time_budget", "time_budget"), ("dtype", "dtype"), ("seed", "seed"),
-                      ("batch_size", "batch_size"), ("threads", "threads"), ("checkpoint_every", "checkpoint_every")):
-        if getattr(args, flag) is not None:
-            cli["training"][key] = getattr(args, flag)
+    for key in ("epochs", "time_budget", "dtype", "seed", "batch_size", "threads", "checkpoint_every"):
+        if getattr(args, key) is not None:
+            cli["training"][key] = getattr(args, key)
     if args.no_progress:
         cli["training"]["progress"] = False
     if args.efa is not None:
         cli["model"]["use_efa"] = args.efa
-    config = merge_config(config, cli)
-    config = merge_config(config, parse_set(args.set))
-    if config["data"]["path"]:
-        config["data"]["path"] = str(Path(config["data"]["path"]).resolve())
-    config["output"] = str(Path(config["output"]).resolve())
+    cli = {key: value for key, value in cli.items() if value}
+    config = TrainConfig.from_dict(merge(merge(config, cli), parse_set(args.set)))
+    for key in DATA_FILES:
+        if getattr(config.data, key):
+            setattr(config.data, key, str(Path(getattr(config.data, key)).resolve()))
+    config.output = str(Path(config.output).resolve())
     return config
 
 
@@ -109,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(args)
         if args.print_config:
-            print(yaml.safe_dump(config, sort_keys=False))
+            print(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return 0
-        from ..train import train
-
         summary = train(config, resume=args.resume)
+    except TrainingDiverged as err:
+        print(f"efa-train: error: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"efa-train: error: {err}", file=sys.stderr)
         return 2

@@ -59,17 +59,18 @@ def train_both(name: str, minutes: float, fresh: bool) -> dict:
 def evaluate_test(name: str, kind: str) -> dict:
     import torch
 
-    from efa_deploy.data import GraphDataset, load_structures, split_indices
-    from efa_deploy.train import evaluate, load_checkpoint, model_from_checkpoint
+    from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
+    from efa_deploy.data import GraphDataset
+    from efa_deploy.metrics import evaluate
+    from efa_deploy.splits import load_splits
 
     torch.set_num_threads(1)
     run = HERE / "runs" / f"{name}_{kind}"
     best, last = load_checkpoint(run / "best.ckpt"), load_checkpoint(run / "last.ckpt")
     model, config = model_from_checkpoint(best, "ema")
     data = best["train_config"]["data"]
-    structures = load_structures(data["path"])
-    _, _, test = split_indices(len(structures), [data["n_train"], data["n_val"], data["n_test"]], data["split_seed"])
-    test_set = GraphDataset([structures[i] for i in test], config.atomic_numbers, config.cutoff, model.energy_shift.dtype)
+    test = load_splits(data).test
+    test_set = GraphDataset(test, config.atomic_numbers, config.cutoff, model.energy_shift.dtype)
     metrics = evaluate(model, test_set)
     steps_per_epoch = -(-data["n_train"] // best["train_config"]["training"]["batch_size"])
     return {
@@ -86,17 +87,15 @@ def local_lower_bound(name: str) -> dict:
     and zero forces. Counted over the whole test split, exact everywhere else."""
     import numpy as np
 
-    from efa_deploy.data import load_structures, split_indices
+    from efa_deploy.splits import load_splits
 
     data = yaml.safe_load(DATASETS[name]["config"].read_text())
     cutoff = data["model"]["cutoff"]
-    structures = load_structures((DATASETS[name]["config"].parent / data["data"]["path"]).resolve())
-    d = data["data"]
-    _, _, test = split_indices(len(structures), [d["n_train"], d["n_val"], d["n_test"]], d["split_seed"])
+    path = (DATASETS[name]["config"].parent / data["data"]["path"]).resolve()
+    test = load_splits({**data["data"], "path": str(path)}).test
     energy_err, force_err, components = 0.0, 0.0, 0
     isolated: dict = {}
-    for i in test:
-        atoms = structures[i]
+    for atoms in test:
         components += 3 * len(atoms)
         dist = atoms.get_all_distances() + np.eye(len(atoms)) * 1e9
         if dist.min() >= cutoff:  # no edges at all
