@@ -25,14 +25,18 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BACKBONE = dict(features=32, num_layers=2, cutoff=5.0, r_max=15.0)
-VARIANTS = {
-    "local": dict(use_efa=False),
-    "efa scalar": dict(),
-    "efa l=1 q/k (4 pairs)": dict(num_vector_frequencies=4),
-    "efa tensor values (4)": dict(value_tensors=4),
-    "efa l=1 q/k (2) + vector values (4)": dict(num_vector_frequencies=2, value_vectors=4),
-    "efa l=1 q/k (2) + vector (4) + tensor (4) values": dict(num_vector_frequencies=2, value_vectors=4, value_tensors=4),
+EFA_VARIANTS = {
+    "scalar": dict(),
+    "l=1 q/k (4 pairs)": dict(num_vector_frequencies=4),
+    "tensor values (4)": dict(value_tensors=4),
+    "l=1 q/k (2) + vector values (4)": dict(num_vector_frequencies=2, value_vectors=4),
+    "l=1 q/k (2) + vector (4) + tensor (4) values": dict(num_vector_frequencies=2, value_vectors=4, value_tensors=4),
 }
+# each EFA variant on the Lebedev grid and in the pairwise training form (train_pairwise_max_atoms)
+VARIANTS = {"local": dict(use_efa=False)}
+for _name, _options in EFA_VARIANTS.items():
+    VARIANTS[f"efa {_name}, grid"] = _options
+    VARIANTS[f"efa {_name}, pairwise"] = {**_options, "train_pairwise_max_atoms": 64}
 
 
 def random_molecule(rng: np.random.Generator, n: int):

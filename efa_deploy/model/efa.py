@@ -54,6 +54,7 @@ class EuclideanFastAttention(nn.Module):
         qk_activation: str = "identity",
         value_vectors: int = 0,
         value_tensors: int = 0,
+        train_pairwise_max_atoms: int = 0,
     ):
         super().__init__()
         self.query = nn.Linear(features, 2 * num_frequencies, bias=False)
@@ -65,6 +66,10 @@ class EuclideanFastAttention(nn.Module):
         self.vector_key = nn.Linear(features, 2 * max(num_vector_frequencies, 1), bias=False)
         self.use_silu = qk_activation == "silu"
         self.exact = False  # evaluate the O(N^2) pairwise form instead (tests, benchmarks)
+        # in training mode, batches of structures this small take the pairwise form: the same
+        # kernel while all pairs are within r_max (checked), and far cheaper for molecules
+        self.train_pairwise_max_atoms = train_pairwise_max_atoms
+        self.r_max = float(r_max)
         self.value_dim = value_dim
         self.value_vectors = value_vectors
         self.value_tensors = value_tensors
@@ -157,6 +162,9 @@ class EuclideanFastAttention(nn.Module):
             return self._invariants(self._pairwise(q, k, v, positions, batch, owned), vec)
         if n_structures == 0:
             return self._invariants(v, vec)
+        slot, n_max = self._padded_slots(batch, n_structures)
+        if self.training and n_max <= self.train_pairwise_max_atoms:
+            return self._invariants(self._pairwise_padded(q, k, v, positions, slot, n_structures, n_max, owned), vec)
         n, m, d = x.shape[0], self.omega.numel(), v.shape[1]
         g = self.grid_points.shape[0]
         # In complex form, with e = exp(i theta): KV_gm = sum_j conj(k_j e_j) v_j and
@@ -169,7 +177,6 @@ class EuclideanFastAttention(nn.Module):
         k0, k1 = k[:, :, 0], k[:, :, 1]
         kmat = torch.stack([torch.stack([k0, -k1], dim=2), torch.stack([-k1, -k0], dim=2)], dim=2)  # (N, M, 2, 2)
         kv_rows = (kmat.unsqueeze(-1) * (v * owned.unsqueeze(1)).reshape(n, 1, 1, 1, d)).reshape(n, m, 2, 2 * d)
-        slot, n_max = self._padded_slots(batch, n_structures)
         trig = self._pad(trig, slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, G)
         kv_rows = self._pad(kv_rows, slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, 2D)
         b = n_structures
@@ -197,18 +204,58 @@ class EuclideanFastAttention(nn.Module):
     def _padded_slots(batch: Tensor, n_structures: int) -> tuple[Tensor, int]:
         """Row of every atom in a (B * Nmax) padded layout, and Nmax (atoms of a structure are
         contiguous, graph.batch_graph)."""
+        index = torch.arange(batch.shape[0], device=batch.device)
         if n_structures == 1:
-            return batch, batch.shape[0]
+            return index, batch.shape[0]
         sizes = torch.bincount(batch, minlength=n_structures)
         n_max = int(sizes.max())
         first = torch.cumsum(sizes, 0) - sizes
-        index = torch.arange(batch.shape[0], device=batch.device)
         return batch * n_max + index - first[batch], n_max
 
+    def _kernel(self, pos: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
+        """sinc(omega_m r_ij) of positions (..., n, 3) as (..., M, n, n): 1 on i = j, 0 where
+        pairs (..., n, n) is 0; and the squared distances (..., n, n)."""
+        m, n = self.omega.numel(), pos.shape[-2]
+        with torch.no_grad():
+            eye = torch.eye(n, dtype=pos.dtype, device=pos.device)
+            still = (self.omega == 0).to(pos.dtype).reshape(m, 1, 1)  # a zero frequency has kernel 1
+            offset = (1.0 - pairs).unsqueeze(-3) + still  # keeps x away from 0, where sqrt and sin(x)/x have
+            sinc_mask = pairs.unsqueeze(-3) * (1.0 - still)  # no finite derivative; masked out below
+            base = pairs.unsqueeze(-3) * still + eye
+            omega2 = (self.omega.to(pos.dtype) ** 2).reshape(m, 1, 1)
+        diff = pos.unsqueeze(-2) - pos.unsqueeze(-3)
+        r2 = torch.sum(diff * diff, dim=-1)
+        x = torch.sqrt(torch.addcmul(offset, r2.unsqueeze(-3), omega2))  # omega_m r_ij
+        return torch.sin(x) / x * sinc_mask + base, r2
+
+    def _pairwise_padded(
+        self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slot: Tensor, n_structures: int, n_max: int,
+        owned: Tensor,
+    ) -> Tensor:
+        """The pairwise form batched over structures: (B, Nmax, Nmax) kernels, one product."""
+        b, n, m, d = n_structures, q.shape[0], self.omega.numel(), v.shape[1]
+        rows = torch.cat([positions, q.reshape(n, 2 * m), (k * owned.reshape(n, 1, 1)).reshape(n, 2 * m), v], dim=1)
+        pos, qp, kp, vp = torch.split(self._pad(rows, slot, b, n_max), [3, 2 * m, 2 * m, d], dim=2)
+        with torch.no_grad():  # pairs of distinct real atoms (not padding)
+            real = torch.zeros(b * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
+            real = real.reshape(b, 1, n_max)
+            pairs = real.transpose(1, 2) * real * (1.0 - torch.eye(n_max, dtype=pos.dtype, device=pos.device))
+        kernel, r2 = self._kernel(pos, pairs)  # (B, M, Nmax, Nmax)
+        if bool(torch.any(r2.detach() * pairs > self.r_max ** 2)):
+            raise ValueError(
+                "a training structure has atoms more than r_max = {} A apart: the grid form (validation, export, "
+                "MD) would alias it; raise model.r_max or set model.train_pairwise_max_atoms: 0".format(self.r_max)
+            )
+        qp = qp.reshape(b, n_max, m, 2).transpose(1, 2)  # (B, M, Nmax, 2)
+        kp = kp.reshape(b, n_max, m, 2).permute(0, 2, 3, 1)  # (B, M, 2, Nmax)
+        attention = torch.sum((qp @ kp) * kernel, dim=1)  # (B, Nmax, Nmax)
+        return self.scale * (attention @ vp).reshape(b * n_max, d)[slot]
+
     def _pairwise(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, batch: Tensor, owned: Tensor) -> Tensor:
-        """sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j over owned j of i's structure."""
-        r = torch.cdist(positions, positions)
-        same = (batch.unsqueeze(1) == batch.unsqueeze(0)).to(v.dtype) * owned.unsqueeze(0)
-        qk = torch.einsum("imc,jmc->ijm", q, k)
-        kernel = torch.sinc(r.unsqueeze(-1) * self.omega / math.pi)
-        return self.scale * torch.einsum("ijm,ij,jd->id", qk * kernel, same, v)
+        """sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j over owned j of i's structure: the
+        reference, over all N x N pairs at once."""
+        n = positions.shape[0]
+        same = (batch.unsqueeze(1) == batch.unsqueeze(0)).to(v.dtype)
+        kernel, _ = self._kernel(positions, same * (1.0 - torch.eye(n, dtype=v.dtype, device=v.device)))
+        qk = torch.einsum("imc,jmc->mij", q, k)
+        return self.scale * (torch.sum(qk * kernel, dim=0) * same * owned.unsqueeze(0)) @ v

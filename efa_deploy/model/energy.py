@@ -26,6 +26,7 @@ class GlobalUpdate(nn.Module):
             qk_activation=config.qk_activation,
             value_vectors=config.value_vectors,
             value_tensors=config.value_tensors,
+            train_pairwise_max_atoms=config.train_pairwise_max_atoms,
         )
         self.dense = nn.Linear(self.efa.output_dim, f)
         self.mlp = mlp(f, f, f, zero_last=True)
