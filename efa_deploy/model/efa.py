@@ -219,13 +219,15 @@ class EuclideanFastAttention(nn.Module):
         with torch.no_grad():
             eye = torch.eye(n, dtype=pos.dtype, device=pos.device)
             still = (self.omega == 0).to(pos.dtype).reshape(m, 1, 1)  # a zero frequency has kernel 1
-            offset = (1.0 - pairs).unsqueeze(-3) + still  # keeps x away from 0, where sqrt and sin(x)/x have
-            sinc_mask = pairs.unsqueeze(-3) * (1.0 - still)  # no finite derivative; masked out below
+            # r and x are kept away from 0, where sqrt and sin(x) / x have no finite derivative
+            # (the masks below remove those entries again)
+            r_offset = 1.0 - pairs
+            sinc_mask = pairs.unsqueeze(-3) * (1.0 - still)
             base = pairs.unsqueeze(-3) * still + eye
-            omega2 = (self.omega.to(pos.dtype) ** 2).reshape(m, 1, 1)
+            omega = self.omega.to(pos.dtype).reshape(m, 1, 1)
         diff = pos.unsqueeze(-2) - pos.unsqueeze(-3)
         r2 = torch.sum(diff * diff, dim=-1)
-        x = torch.sqrt(torch.addcmul(offset, r2.unsqueeze(-3), omega2))  # omega_m r_ij
+        x = torch.addcmul(still, torch.sqrt(r2 + r_offset).unsqueeze(-3), omega)  # omega_m r_ij
         return torch.sin(x) / x * sinc_mask + base, r2
 
     def _pairwise_padded(
