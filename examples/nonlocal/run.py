@@ -4,6 +4,7 @@ same backbone, equal wall-time budget per model, trained one after another on on
     python examples/nonlocal/make_cumulenes.py            # the data (tblite), about 2 minutes
     taskset -c 1 python examples/nonlocal/run.py          # 3 variants x 2 seeds x 8 minutes
     python examples/nonlocal/run.py --evaluate-only       # re-evaluate finished runs
+    python examples/nonlocal/run.py --export              # runs/cumulene_efa_s0 -> export/cumulene_efa.pt
 
 Evaluates each run's best checkpoint (EMA weights) on the held-out test split: energy and force
 MAE, and how much of the twist energy the model learned: the slope of its energy residual
@@ -138,13 +139,36 @@ def write(results: dict) -> None:
     print("\n".join(lines))
 
 
+def export_model() -> None:
+    """The EFA run of seed 0 as export/cumulene_efa.pt, with C11H4 (ends turned by 45 degrees) as
+    the structure its tests run."""
+    from ase import Atoms
+    from ase.io import write
+
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parents[1] / "export"))
+    from make_cumulenes import cumulene
+    from make_default import export_run
+
+    structure = HERE.parents[1] / "export" / "cumulene_c11h4.xyz"
+    numbers, positions = cumulene(11, 0.0, np.radians(45.0))
+    write(structure, Atoms(numbers=numbers, positions=positions), format="extxyz")
+    export_run(run_dir("efa", 0), HERE.parents[1] / "export" / "cumulene_efa.pt", structure,
+               "examples/nonlocal/run.py --export",
+               "GFN2-xTB (tblite 0.8.0), cumulenes C9H4, C11H4, C13H4 with independently twisted CH2 ends, "
+               "0.03 A noise (examples/nonlocal/make_cumulenes.py)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--minutes", type=float, default=8.0, help="training budget per model")
     p.add_argument("--evaluate-only", action="store_true")
+    p.add_argument("--export", action="store_true", help="only export the seed-0 EFA model to export/")
     args = p.parse_args()
+    if args.export:
+        return export_model()
     if not args.evaluate_only:
         for seed in args.seeds:
             for variant in args.variants:
