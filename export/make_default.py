@@ -191,6 +191,13 @@ def model_errors(module, metadata: dict, structures) -> dict:
 
 
 def export() -> None:
+    export_run(RUN, MODEL, STRUCTURE, "export/make_default.py",
+               "GFN2-xTB (tblite 0.8.0), water clusters of 8, 12 and 16 molecules, Langevin MD at 300-600 K")
+
+
+def export_run(run: Path, model_path: Path, structure: Path, made_by: str, reference: str) -> None:
+    """The best checkpoint (EMA weights) of `run` as a float64 model file with its test errors;
+    `structure` is the one the shipped-model tests run in LAMMPS and Python."""
     import torch
 
     from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
@@ -198,7 +205,7 @@ def export() -> None:
     from efa_deploy.model import build_model
     from efa_deploy.modelfile import load_model_file, save_model_file
 
-    ckpt = load_checkpoint(RUN / "best.ckpt")
+    ckpt = load_checkpoint(run / "best.ckpt")
     trained, config = model_from_checkpoint(ckpt, "ema")
     # trained in float32 for speed; shipped in float64: LAMMPS then conserves energy to
     # round-off and 1 and N ranks agree to 1e-15 (the weights are the float32 ones, cast)
@@ -213,7 +220,8 @@ def export() -> None:
     provenance = {
         "data_digest": file_digest(data["path"]),
         "data_file": str(Path(data["path"]).resolve().relative_to(REPO)),
-        "reference": "GFN2-xTB (tblite 0.8.0), water clusters of 8, 12 and 16 molecules, Langevin MD at 300-600 K",
+        "reference": reference,
+        "structure": str(structure.resolve().relative_to(REPO)),
         "split": {k: data.get(k) for k in ("n_train", "n_val", "n_test", "split_seed")},
         "validation": ckpt.get("val_metrics", {}),
         "test": {"structures": len(test_idx), "indices": [int(i) for i in test_idx], **test},
@@ -222,14 +230,14 @@ def export() -> None:
         "training_seconds": round(float(ckpt["elapsed_s"]), 1),
         "weights": "ema, trained in float32, shipped in float64",
         "training": train_config["training"],
-        "made_by": "export/make_default.py",
+        "made_by": made_by,
     }
-    save_model_file(model, config, MODEL, provenance=provenance, overwrite=True)
-    module, metadata = load_model_file(MODEL)
+    save_model_file(model, config, model_path, provenance=provenance, overwrite=True)
+    module, metadata = load_model_file(model_path)
     again = model_errors(module, metadata, structures)
     for key, value in test.items():
         assert abs(again[key] - value) <= 1e-9 * max(1.0, abs(value)), (key, again[key], value)
-    print(f"wrote {MODEL.relative_to(REPO)} ({os.path.getsize(MODEL) / 1e3:.0f} kB)")
+    print(f"wrote {model_path.relative_to(REPO)} ({os.path.getsize(model_path) / 1e3:.0f} kB)")
     shown = {k: v for k, v in provenance["test"].items() if k != "indices"}
     print(json.dumps({"test": shown, "validation": provenance["validation"],
                       "r_max": metadata["efa"]["r_max"], "elements": metadata["elements"]}, indent=1))

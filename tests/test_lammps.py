@@ -19,8 +19,9 @@ ELEMENTS = ["H", "C", "O"]
 
 @pytest.fixture(scope="module")
 def efa_model(tmp_path_factory):
+    # every EFA path: scalar and l = 1 query/key channels, scalar, vector and tensor values
     config = ModelConfig(atomic_numbers=[1, 6, 8], features=16, num_layers=3, cutoff=4.0, r_max=20.0,
-                         num_vector_frequencies=2)
+                         num_vector_frequencies=2, value_vectors=2, value_tensors=2)
     path = tmp_path_factory.mktemp("model") / "efa.pt"
     save_model_file(randomised_model(config), config, path)
     return path

@@ -19,6 +19,10 @@ CUTOFF = 4.0
 R_MAX = 10.0
 
 
+# l = 1 query/key channels, vector and tensor values together: every path of the EFA block
+EQUIVARIANT = dict(num_vector_frequencies=1, value_vectors=2, value_tensors=2)
+
+
 def make_model(dtype=torch.float64, seed=0, **options):
     """A small model whose zero-initialised last MLP layers are randomised, so that every block
     (the EFA one included) changes the energy; per-element shifts are non-zero."""
@@ -65,7 +69,8 @@ def relative(a, b) -> float:
 # Lebedev form vs exact pairwise form, rotation and translation
 
 
-@pytest.mark.parametrize("options", [dict(), dict(num_vector_frequencies=2)], ids=["scalar", "vector"])
+@pytest.mark.parametrize("options", [dict(), dict(num_vector_frequencies=2), EQUIVARIANT],
+                         ids=["scalar", "vector", "equivariant-values"])
 def test_model_lebedev_matches_exact_within_r_max_and_degrades_beyond(options):
     model = make_model(**options)
     errors = []
@@ -112,14 +117,15 @@ def worst_rotation_error(model, molecule) -> float:
     return worst
 
 
-@pytest.mark.parametrize("options", [dict(), dict(num_vector_frequencies=2), dict(qk_activation="silu")],
-                         ids=["scalar", "vector", "silu"])
+@pytest.mark.parametrize("options", [dict(), dict(num_vector_frequencies=2), dict(qk_activation="silu"), EQUIVARIANT],
+                         ids=["scalar", "vector", "silu", "equivariant-values"])
 def test_rotation_invariance_on_50_point_grid(options):
     model = make_model(grid_points=50, **options)
     assert worst_rotation_error(model, random_molecule(12, 5.5, seed=3)) < ROTATION_TOLERANCE
 
 
-@pytest.mark.parametrize("options", [dict(), dict(num_vector_frequencies=2)], ids=["scalar", "vector"])
+@pytest.mark.parametrize("options", [dict(), dict(num_vector_frequencies=2), EQUIVARIANT],
+                         ids=["scalar", "vector", "equivariant-values"])
 def test_rotation_invariance_fails_on_6_point_grid(options):
     """Negative control: the same tolerance with a grid too coarse for b_max = pi."""
     model = make_model(grid_points=6, b_max=math.pi, **options)
@@ -145,8 +151,9 @@ def test_permutation_equivariance():
     np.testing.assert_allclose(f1, f0[order], atol=1e-10)
 
 
-def test_batch_equals_structures_computed_alone():
-    model = make_model(num_vector_frequencies=1)
+@pytest.mark.parametrize("options", [dict(num_vector_frequencies=1), EQUIVARIANT], ids=["vector", "equivariant-values"])
+def test_batch_equals_structures_computed_alone(options):
+    model = make_model(**options)
     structures = [random_molecule(7, 4.0, seed=5), random_molecule(3, 2.5, seed=6), random_molecule(11, 5.5, seed=7)]
     energy, forces = evaluate(model, structures)
     start = 0
@@ -177,8 +184,9 @@ def padded(graph: Graph, extra: int, seed: int) -> Graph:
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["lebedev", "exact"])
-def test_padding_changes_nothing(exact):
-    model = make_model(num_vector_frequencies=1)
+@pytest.mark.parametrize("options", [dict(num_vector_frequencies=1), EQUIVARIANT], ids=["vector", "equivariant-values"])
+def test_padding_changes_nothing(exact, options):
+    model = make_model(**options)
     set_exact(model, exact)
     graph = batch_graph([random_molecule(9, 5.0, seed=8)], ELEMENTS, CUTOFF)
     e0, f0, a0 = energy_and_forces(model, *graph.inputs())
@@ -191,7 +199,7 @@ def test_padding_changes_nothing(exact):
 
 def test_efa_block_ignores_atoms_that_are_not_owned():
     torch.manual_seed(0)
-    block = EuclideanFastAttention(16, num_frequencies=4, value_dim=8, r_max=R_MAX, num_vector_frequencies=1).double()
+    block = EuclideanFastAttention(16, num_frequencies=4, value_dim=8, r_max=R_MAX, **EQUIVARIANT).double()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(14, 16, generator=g, dtype=torch.float64)
     vec = torch.randn(14, 3, 16, generator=g, dtype=torch.float64)
@@ -226,8 +234,8 @@ def finite_difference_forces(model, structure: Atoms, h: float = 1e-5) -> np.nda
 
 
 @pytest.mark.parametrize(
-    "options", [dict(), dict(num_vector_frequencies=2, qk_activation="silu"), dict(use_efa=False)],
-    ids=["efa", "efa-vector-silu", "local"],
+    "options", [dict(), dict(num_vector_frequencies=2, qk_activation="silu"), EQUIVARIANT, dict(use_efa=False)],
+    ids=["efa", "efa-vector-silu", "efa-equivariant-values", "local"],
 )
 def test_forces_are_minus_the_energy_gradient(options):
     model = make_model(**options)
@@ -307,8 +315,9 @@ def test_single_atom(options):
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["lebedev", "exact"])
-def test_empty_structure(exact):
-    model = make_model()
+@pytest.mark.parametrize("options", [dict(), EQUIVARIANT], ids=["scalar", "equivariant-values"])
+def test_empty_structure(exact, options):
+    model = make_model(**options)
     set_exact(model, exact)
     energy, forces = evaluate(model, [Atoms()])
     assert energy.shape == (1,) and energy[0] == 0.0
@@ -326,9 +335,10 @@ def test_empty_structure(exact):
 # TorchScript, local baseline
 
 
+@pytest.mark.parametrize("options", [dict(num_vector_frequencies=1), EQUIVARIANT], ids=["vector", "equivariant-values"])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["float64", "float32"])
-def test_torchscript_equals_eager(dtype, tolerance):
-    double = make_model(num_vector_frequencies=1)
+def test_torchscript_equals_eager(dtype, tolerance, options):
+    double = make_model(**options)
     model = copy.deepcopy(double).to(dtype)
     scripted = torch.jit.script(model)
     structures = [random_molecule(8, 5.0, seed=13), random_molecule(5, 3.0, seed=14)]
@@ -364,3 +374,59 @@ def test_local_baseline_is_the_same_backbone_without_the_global_term():
     assert abs(e_efa[0] - e_local[0]) < 1e-12
     np.testing.assert_allclose(f_efa, f_local, atol=1e-12)
     assert np.abs(f_local).max() > 0.05
+
+
+def test_default_settings_keep_todays_parameters():
+    """New options default to off and add no parameters: model files from before still load."""
+    names = set(make_model().state_dict())
+    assert not {n for n in names if "_value." in n or "_contract." in n}
+    assert {n for n in make_model(**EQUIVARIANT).state_dict()} - names == {
+        f"layers.{t}.global_update.efa.{m}.weight" for t in range(2)
+        for m in ("vector_value", "vector_contract", "tensor_value", "tensor_contract")
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the pairwise training form (train_pairwise_max_atoms)
+
+
+def force_loss_and_gradients(model, structures):
+    """Energies, forces and the parameter gradients of a force loss (a double backward)."""
+    graph = batch_graph(structures, ELEMENTS, CUTOFF)
+    energy, forces, _ = energy_and_forces(model, *graph.inputs(), create_graph=True)
+    loss = energy.square().sum() + forces.square().sum()
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    flat = torch.cat([g.reshape(-1) for g in grads if g is not None])
+    return energy.detach().numpy(), forces.detach().numpy(), flat.numpy()
+
+
+@pytest.mark.parametrize("options", [dict(), EQUIVARIANT], ids=["scalar", "equivariant-values"])
+def test_pairwise_training_form_equals_the_exact_form(options):
+    model = make_model(train_pairwise_max_atoms=12, **options)
+    small = [random_molecule(7, 4.0, seed=5), random_molecule(3, 2.5, seed=6), random_molecule(11, 5.5, seed=7)]
+    for batch in (small, small[2:]):  # several structures (padded) and one
+        model.train()
+        trained = force_loss_and_gradients(model, batch)
+        set_exact(model, True)
+        exact = force_loss_and_gradients(model, batch)
+        set_exact(model, False)
+        for a, b in zip(trained, exact):
+            assert relative(a, b) < 1e-12
+        # evaluation mode takes the grid: the same numbers to quadrature accuracy, not bit for bit
+        model.eval()
+        grid = force_loss_and_gradients(model, batch)
+        for a, b in zip(grid, exact):
+            assert 1e-14 < relative(a, b) < 1e-6
+    # a structure above the threshold takes the grid in training mode too
+    large = [random_molecule(13, 5.5, seed=8)]
+    model.train()
+    assert relative(force_loss_and_gradients(model, large)[1], evaluate(model.eval(), large)[1]) < 1e-13
+
+
+def test_pairwise_training_form_refuses_structures_beyond_r_max():
+    model = make_model(train_pairwise_max_atoms=12).train()
+    wide = random_molecule(6, 1.2 * R_MAX / math.sqrt(3), seed=9)
+    with pytest.raises(ValueError, match="r_max"):
+        force_loss_and_gradients(model, [wide])
+    model.eval()
+    force_loss_and_gradients(model, [wide])  # the grid form evaluates it (aliased, as before)

@@ -70,9 +70,10 @@ def test_is_described_in_the_readme(shipped):
 
 def test_lammps_equals_python_on_the_shipped_structure(shipped):
     path, _, metadata = shipped
-    atoms = read(EXPORT / "water16.xyz")
+    structure = REPO / metadata["provenance"].get("structure", "export/water16.xyz")
+    atoms = read(structure)
     assert system_extent(atoms.positions) < metadata["efa"]["r_max"] - 3.0  # room to move at 300 K
     atoms.calc = EFACalculator(path)
-    with EFASimulation(EXPORT / "water16.xyz", path) as sim:
+    with EFASimulation(structure, path) as sim:
         assert sim.energy() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
         np.testing.assert_allclose(sim.forces(), atoms.get_forces(), rtol=0, atol=1e-10)

@@ -23,6 +23,14 @@ class ModelConfig:
     num_vector_frequencies: int = 0  # channel pairs of l = 1 queries/keys
     value_dim: int = 16  # Dv
     qk_activation: str = "identity"  # "identity" or "silu"
+    # equivariant EFA values, contracted at the receiving atom with its own vector features:
+    # l = 1 vector channels and symmetric rank-2 tensor channels (0: scalar values only)
+    value_vectors: int = 0
+    value_tensors: int = 0
+    # training only: batches whose structures have at most this many atoms evaluate EFA in its
+    # exact pairwise form (the same kernel within r_max, checked; O(n^2) per structure but much
+    # cheaper than the grid for molecules); 0: always the grid. Evaluation, export and MD use the grid.
+    train_pairwise_max_atoms: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -32,6 +40,9 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.atomic_numbers has duplicates: {self.atomic_numbers}")
         if self.qk_activation not in ("identity", "silu"):
             raise ValueError(f"qk_activation must be 'identity' or 'silu', not {self.qk_activation!r}")
+        for name in ("value_vectors", "value_tensors", "num_vector_frequencies", "train_pairwise_max_atoms"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
         if self.b_max is None and self.use_efa:
             self.b_max = safe_b_max(self.grid_points)
 

@@ -8,10 +8,18 @@ the product of a rotated query and key into sinc(omega_m |r_i - r_j|), so
     y_i = 1/sqrt(D) sum_g w_g rot(q_i, g) . KV_g,   KV_g = sum_j rot(k_j, g) (x) v_j
 
 equals the pairwise sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j while all r_ij <= r_max.
+
+The kernel is rotation invariant, so the values may be equivariant: besides scalar columns,
+v_j carries l = 1 vectors (a linear map of j's vector features) and symmetric rank-2 tensors
+(sym(a_j b_j^T), the l = 0 + l = 2 part of two linear maps of j's vector features). At atom i
+their transported sums are contracted with i's own vector features into invariants
+(p_i . Y_i and u_i^T Y_i w_i). Scalar values cannot carry orientations: the plane of a CH2 end
+cancels in any linear sum over its two hydrogens, sum_j d_j = 0, but not in sum_j d_j d_j^T
+(tests/test_expressivity.py).
 """
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,12 +27,18 @@ from torch import Tensor, nn
 from .. import ops  # noqa: F401  (registers torch.ops.efa)
 from .lebedev import lebedev_grid
 
-
 def frequencies(num_pairs: int, b_max: float, r_max: float) -> Tensor:
     """omega_f = (b_max / r_max) f / (K - 1), f = 0 .. K-1; f = 0 is a plain global term."""
     if num_pairs == 1:
         return torch.zeros(1, dtype=torch.float64)
     return (b_max / r_max) * torch.arange(num_pairs, dtype=torch.float64) / (num_pairs - 1)
+
+
+def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
+    """(a b^T + b a^T) / 2 of vectors (N, 3, C) as its 6 components xx, yy, zz, xy, xz, yz (N, 6, C)."""
+    rows = torch.tensor([0, 1, 2, 0, 0, 1], device=a.device)
+    cols = torch.tensor([0, 1, 2, 1, 2, 2], device=a.device)
+    return 0.5 * (a[:, rows] * b[:, cols] + a[:, cols] * b[:, rows])
 
 
 class EuclideanFastAttention(nn.Module):
@@ -38,6 +52,9 @@ class EuclideanFastAttention(nn.Module):
         b_max: float = math.pi,
         num_vector_frequencies: int = 0,
         qk_activation: str = "identity",
+        value_vectors: int = 0,
+        value_tensors: int = 0,
+        train_pairwise_max_atoms: int = 0,
     ):
         super().__init__()
         self.query = nn.Linear(features, 2 * num_frequencies, bias=False)
@@ -49,6 +66,25 @@ class EuclideanFastAttention(nn.Module):
         self.vector_key = nn.Linear(features, 2 * max(num_vector_frequencies, 1), bias=False)
         self.use_silu = qk_activation == "silu"
         self.exact = False  # evaluate the O(N^2) pairwise form instead (tests, benchmarks)
+        # in training mode, batches of structures this small take the pairwise form: the same
+        # kernel while all pairs are within r_max (checked), and far cheaper for molecules
+        self.train_pairwise_max_atoms = train_pairwise_max_atoms
+        self.r_max = float(r_max)
+        self.value_dim = value_dim
+        self.value_vectors = value_vectors
+        self.value_tensors = value_tensors
+        # equivariant values and the maps of i's own vectors that contract them (absent: None)
+        self.vector_value: Optional[nn.Linear] = None
+        self.vector_contract: Optional[nn.Linear] = None
+        self.tensor_value: Optional[nn.Linear] = None
+        self.tensor_contract: Optional[nn.Linear] = None
+        if value_vectors > 0:
+            self.vector_value = nn.Linear(features, value_vectors, bias=False)
+            self.vector_contract = nn.Linear(features, value_vectors, bias=False)
+        if value_tensors > 0:
+            self.tensor_value = nn.Linear(features, 2 * value_tensors, bias=False)
+            self.tensor_contract = nn.Linear(features, 2 * value_tensors, bias=False)
+        self.output_dim = value_dim + value_vectors + value_tensors  # invariants per atom
 
         points, weights = lebedev_grid(grid_points)
         self.register_buffer("grid_points", torch.from_numpy(points))
@@ -73,42 +109,155 @@ class EuclideanFastAttention(nn.Module):
         m = self.omega.numel()  # explicit sizes: N may be 0 (an empty MPI subdomain)
         return q.reshape(n, m, 2), k.reshape(n, m, 2)
 
-    def _rotate(self, z: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """ERoPE: (N, M, 2) channels rotated by (N, G, M) angles -> (N, G * M * 2)."""
-        a = z[:, :, 0].unsqueeze(1)
-        b = z[:, :, 1].unsqueeze(1)
-        rotated = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        return rotated.reshape(z.shape[0], cos.shape[1] * cos.shape[2] * 2)
+    def _values(self, x: Tensor, vec: Tensor) -> Tensor:
+        """Value columns (N, Dv + 3 Cv + 6 Ct): scalars, then vectors, then symmetric tensors."""
+        n = x.shape[0]
+        columns = [self.value(x)]
+        vector_value = self.vector_value
+        if vector_value is not None:
+            columns.append(vector_value(vec).reshape(n, 3 * self.value_vectors))
+        tensor_value = self.tensor_value
+        if tensor_value is not None:
+            a, b = torch.split(tensor_value(vec), self.value_tensors, dim=2)
+            columns.append(symmetric_product(a, b).reshape(n, 6 * self.value_tensors))
+        return torch.cat(columns, dim=1)
+
+    def _invariants(self, y: Tensor, vec: Tensor) -> Tensor:
+        """Contract the transported vectors and tensors with i's own vectors: (N, Dv + Cv + Ct)."""
+        n = y.shape[0]
+        cv, ct = self.value_vectors, self.value_tensors
+        scalars, vectors, tensors = torch.split(y, [self.value_dim, 3 * cv, 6 * ct], dim=1)
+        out = [scalars]
+        vector_contract = self.vector_contract
+        if vector_contract is not None:
+            out.append(torch.sum(vectors.reshape(n, 3, cv) * vector_contract(vec), dim=1))
+        tensor_contract = self.tensor_contract
+        if tensor_contract is not None:
+            u, w = torch.split(tensor_contract(vec), ct, dim=2)
+            # u^T Y w for symmetric Y: the off-diagonal components count twice
+            twice = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], dtype=y.dtype, device=y.device).unsqueeze(1)
+            out.append(torch.sum(tensors.reshape(n, 6, ct) * symmetric_product(u, w) * twice, dim=1))
+        return torch.cat(out, dim=1)
+
+    def _phases(self, positions: Tensor) -> Tensor:
+        """(cos, sin) of every atom's ERoPE angle omega_m (u_g . r_i): (N, M, 2, G).
+
+        One matrix product gives theta + (0, -pi/2): its cosine is (cos theta, sin theta)."""
+        m, g = self.omega.numel(), self.grid_points.shape[0]
+        angles = self.omega.reshape(m, 1, 1, 1) * self.grid_points.T.reshape(1, 1, 3, g)  # (M, 1, 3, G)
+        shift = torch.tensor([0.0, -0.5 * math.pi], dtype=self.omega.dtype, device=positions.device).reshape(1, 2, 1, 1).expand(m, 2, 1, g)
+        weights = torch.cat([angles.expand(m, 2, 3, g), shift], dim=2)  # (M, 2, 4, G)
+        weights = weights.permute(2, 0, 1, 3).reshape(4, m * 2 * g).to(positions.dtype)
+        ones = torch.ones_like(positions[:, :1])
+        return torch.cos(torch.cat([positions, ones], dim=1) @ weights).reshape(positions.shape[0], m, 2, g)
 
     def forward(
         self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
     ) -> Tensor:
-        """EFA output (N, Dv) for every atom; only owned atoms (owned == 1) enter the global sums."""
+        """EFA invariants (N, output_dim) for every atom; only owned atoms (owned == 1) enter the
+        global sums."""
         q, k = self._queries_keys(x, vec)
-        v = self.value(x)
+        v = self._values(x, vec)
         if self.exact:
-            return self._pairwise(q, k, v, positions, batch, owned)
-        theta = (positions @ self.grid_points.T).unsqueeze(-1) * self.omega  # (N, G, M)
-        cos, sin = torch.cos(theta), torch.sin(theta)
-        rot_k = self._rotate(k, cos, sin)
-        rot_q = self._rotate(q, cos, sin) * self.grid_weights.repeat_interleave(2 * self.omega.numel())
-        # atoms of a structure are contiguous (graph.batch_graph): one (G M 2, Dv) sum per
-        # structure, formed from its owned atoms; never a copy of KV per atom
+            return self._invariants(self._pairwise(q, k, v, positions, batch, owned), vec)
         if n_structures == 0:
-            return v
-        v = v * owned.unsqueeze(1)
-        # (split/unbind, not slicing: their backward costs O(N), a slice's O(N) per structure)
-        sizes: List[int] = torch.bincount(batch, minlength=n_structures).tolist()
-        k_parts = torch.split(rot_k, sizes)
-        v_parts = torch.split(v, sizes)
-        kv = torch.ops.efa.global_sum(torch.stack([kp.T @ vp for kp, vp in zip(k_parts, v_parts)]))  # (B, G M 2, Dv)
-        y = [qp @ kv_b for qp, kv_b in zip(torch.split(rot_q, sizes), torch.unbind(kv))]
-        return self.scale * torch.cat(y)
+            return self._invariants(v, vec)
+        slot, n_max = self._padded_slots(batch, n_structures)
+        if self.training and n_max <= self.train_pairwise_max_atoms:
+            return self._invariants(self._pairwise_padded(q, k, v, positions, slot, n_structures, n_max, owned), vec)
+        n, m, d = x.shape[0], self.omega.numel(), v.shape[1]
+        g = self.grid_points.shape[0]
+        # In complex form, with e = exp(i theta): KV_gm = sum_j conj(k_j e_j) v_j and
+        # y_i = sum_gm w_g Re(q_i e_i KV_gm). In reals, (C, S) = (cos, sin) theta:
+        #   [KV_re, KV_im] = sum_j [C_j, S_j] [[k0 v, -k1 v], [-k1 v, -k0 v]]_j
+        #   [Z_re, Z_im]_i = [C_i, S_i] [[KV_re, KV_im], [-KV_im, KV_re]] w,  y_i = sum_m q0 Z_re - q1 Z_im
+        # two batched matrix products per (structure, channel); nothing (N, G, M)-sized is
+        # multiplied elementwise, which is what made training slow.
+        trig = self._phases(positions)  # (N, M, 2, G)
+        k0, k1 = k[:, :, 0], k[:, :, 1]
+        kmat = torch.stack([torch.stack([k0, -k1], dim=2), torch.stack([-k1, -k0], dim=2)], dim=2)  # (N, M, 2, 2)
+        kv_rows = (kmat.unsqueeze(-1) * (v * owned.unsqueeze(1)).reshape(n, 1, 1, 1, d)).reshape(n, m, 2, 2 * d)
+        trig = self._pad(trig, slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, G)
+        kv_rows = self._pad(kv_rows, slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, 2D)
+        b = n_structures
+        kv = trig.reshape(b, m, 2 * n_max, g).transpose(2, 3) @ kv_rows.reshape(b, m, 2 * n_max, 2 * d)
+        kv = torch.ops.efa.global_sum(kv) * self.grid_weights.to(kv.dtype).reshape(1, 1, g, 1)  # (B, M, G, 2D)
+        kv_re, kv_im = kv[..., :d], kv[..., d:]
+        kv = torch.cat([kv, torch.cat([-kv_im, kv_re], dim=3)], dim=2)  # (B, M, 2G, 2D)
+        z = trig.reshape(b, m, n_max, 2 * g) @ kv  # (B, M, Nmax, 2D)
+        z = z.transpose(1, 2).reshape(b * n_max, m, 2 * d)
+        if b > 1:
+            z = z[slot]
+        y = torch.sum(q[:, :, 0:1] * z[:, :, :d] - q[:, :, 1:2] * z[:, :, d:], dim=1)
+        return self._invariants(self.scale * y, vec)
+
+    @staticmethod
+    def _pad(t: Tensor, slot: Tensor, n_structures: int, n_max: int) -> Tensor:
+        """Per-atom rows (N, ...) -> (B, Nmax, ...), zero where a structure has fewer atoms."""
+        if n_structures == 1:
+            return t.unsqueeze(0)
+        rest: List[int] = list(t.shape[1:])
+        padded = t.new_zeros([n_structures * n_max] + rest).index_copy(0, slot, t)
+        return padded.reshape([n_structures, n_max] + rest)
+
+    @staticmethod
+    def _padded_slots(batch: Tensor, n_structures: int) -> tuple[Tensor, int]:
+        """Row of every atom in a (B * Nmax) padded layout, and Nmax (atoms of a structure are
+        contiguous, graph.batch_graph)."""
+        index = torch.arange(batch.shape[0], device=batch.device)
+        if n_structures == 1:
+            return index, batch.shape[0]
+        sizes = torch.bincount(batch, minlength=n_structures)
+        n_max = int(sizes.max())
+        first = torch.cumsum(sizes, 0) - sizes
+        return batch * n_max + index - first[batch], n_max
+
+    def _kernel(self, pos: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
+        """sinc(omega_m r_ij) of positions (..., n, 3) as (..., M, n, n): 1 on i = j, 0 where
+        pairs (..., n, n) is 0; and the squared distances (..., n, n)."""
+        m, n = self.omega.numel(), pos.shape[-2]
+        with torch.no_grad():
+            eye = torch.eye(n, dtype=pos.dtype, device=pos.device)
+            still = (self.omega == 0).to(pos.dtype).reshape(m, 1, 1)  # a zero frequency has kernel 1
+            # r and x are kept away from 0, where sqrt and sin(x) / x have no finite derivative
+            # (the masks below remove those entries again)
+            r_offset = 1.0 - pairs
+            sinc_mask = pairs.unsqueeze(-3) * (1.0 - still)
+            base = pairs.unsqueeze(-3) * still + eye
+            omega = self.omega.to(pos.dtype).reshape(m, 1, 1)
+        diff = pos.unsqueeze(-2) - pos.unsqueeze(-3)
+        r2 = torch.sum(diff * diff, dim=-1)
+        x = torch.addcmul(still, torch.sqrt(r2 + r_offset).unsqueeze(-3), omega)  # omega_m r_ij
+        return torch.sin(x) / x * sinc_mask + base, r2
+
+    def _pairwise_padded(
+        self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slot: Tensor, n_structures: int, n_max: int,
+        owned: Tensor,
+    ) -> Tensor:
+        """The pairwise form batched over structures: (B, Nmax, Nmax) kernels, one product."""
+        b, n, m, d = n_structures, q.shape[0], self.omega.numel(), v.shape[1]
+        rows = torch.cat([positions, q.reshape(n, 2 * m), (k * owned.reshape(n, 1, 1)).reshape(n, 2 * m), v], dim=1)
+        pos, qp, kp, vp = torch.split(self._pad(rows, slot, b, n_max), [3, 2 * m, 2 * m, d], dim=2)
+        with torch.no_grad():  # pairs of distinct real atoms (not padding)
+            real = torch.zeros(b * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
+            real = real.reshape(b, 1, n_max)
+            pairs = real.transpose(1, 2) * real * (1.0 - torch.eye(n_max, dtype=pos.dtype, device=pos.device))
+        kernel, r2 = self._kernel(pos, pairs)  # (B, M, Nmax, Nmax)
+        if bool(torch.any(r2.detach() * pairs > self.r_max ** 2)):
+            raise ValueError(
+                "a training structure has atoms more than r_max = {} A apart: the grid form (validation, export, "
+                "MD) would alias it; raise model.r_max or set model.train_pairwise_max_atoms: 0".format(self.r_max)
+            )
+        qp = qp.reshape(b, n_max, m, 2).transpose(1, 2)  # (B, M, Nmax, 2)
+        kp = kp.reshape(b, n_max, m, 2).permute(0, 2, 3, 1)  # (B, M, 2, Nmax)
+        attention = torch.sum((qp @ kp) * kernel, dim=1)  # (B, Nmax, Nmax)
+        return self.scale * (attention @ vp).reshape(b * n_max, d)[slot]
 
     def _pairwise(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, batch: Tensor, owned: Tensor) -> Tensor:
-        """sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j over owned j of i's structure."""
-        r = torch.cdist(positions, positions)
-        same = (batch.unsqueeze(1) == batch.unsqueeze(0)).to(v.dtype) * owned.unsqueeze(0)
-        qk = torch.einsum("imc,jmc->ijm", q, k)
-        kernel = torch.sinc(r.unsqueeze(-1) * self.omega / math.pi)
-        return self.scale * torch.einsum("ijm,ij,jd->id", qk * kernel, same, v)
+        """sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j over owned j of i's structure: the
+        reference, over all N x N pairs at once."""
+        n = positions.shape[0]
+        same = (batch.unsqueeze(1) == batch.unsqueeze(0)).to(v.dtype)
+        kernel, _ = self._kernel(positions, same * (1.0 - torch.eye(n, dtype=v.dtype, device=v.device)))
+        qk = torch.einsum("imc,jmc->mij", q, k)
+        return self.scale * (torch.sum(qk * kernel, dim=0) * same * owned.unsqueeze(0)) @ v

@@ -24,8 +24,11 @@ class GlobalUpdate(nn.Module):
             b_max=float(config.b_max),
             num_vector_frequencies=config.num_vector_frequencies,
             qk_activation=config.qk_activation,
+            value_vectors=config.value_vectors,
+            value_tensors=config.value_tensors,
+            train_pairwise_max_atoms=config.train_pairwise_max_atoms,
         )
-        self.dense = nn.Linear(config.value_dim, f)
+        self.dense = nn.Linear(self.efa.output_dim, f)
         self.mlp = mlp(f, f, f, zero_last=True)
 
     def forward(
