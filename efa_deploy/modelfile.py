@@ -11,7 +11,7 @@ import torch
 from ase.data import chemical_symbols
 
 from . import __version__
-from .model import EnergyModel, ModelConfig
+from .model import EnergyModel, ModelConfig, use_fused
 
 FORMAT = "efa-deploy-model"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
     metadata = model_metadata(model, config, provenance)
-    scripted = torch.jit.script(model.eval())
+    scripted = torch.jit.script(use_fused(model.eval(), True))  # inference: the fused message operator
     tmp = path.with_name(path.name + ".tmp")
     torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
     os.replace(tmp, path)
