@@ -9,7 +9,7 @@
 // chunk of edges at a time into a scratch buffer, used and dropped. Backward saves only the
 // inputs and recomputes the chunk's radial weights. First derivatives only: a double
 // backward raises (training with a force loss keeps the reference path).
-#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <array>
+#include <type_traits>
 
 namespace efa {
 namespace {
@@ -25,7 +26,7 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kChunk = 512;  // edges whose radial weights are in the scratch at once
+constexpr int64_t kChunk = 256;  // edges whose radial weights are in the scratch at once (in L2)
 constexpr const char *kNoDoubleBackward =
     "efa::message (the fused message passing used by exported models) has no second derivative; "
     "train with the reference path: efa_deploy.model.use_fused(model, False)";
@@ -73,41 +74,61 @@ Tensor radial_chunk(const Tensor &rbf, const Tensor &weight, const Tensor &bias,
   return out;
 }
 
-template <typename T>
+// Calls body(std::integral_constant<int64_t, FC>) with FC = f for the usual widths, else 0.
+template <typename Body>
+void with_feature_count(int64_t f, const Body &body)
+{
+  switch (f) {
+    case 16: return body(std::integral_constant<int64_t, 16>{});
+    case 32: return body(std::integral_constant<int64_t, 32>{});
+    case 64: return body(std::integral_constant<int64_t, 64>{});
+    case 128: return body(std::integral_constant<int64_t, 128>{});
+    default: return body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// One edge's message into its receiver's rows. The outputs never alias the inputs (other
+// tensors), which the restrict qualifiers say; a compile-time feature count FC (0: use
+// f_runtime) tells the compiler that the rows' thirds do not overlap, so it vectorises.
+template <typename T, int64_t FC>
+inline void edge_forward(int64_t f_runtime, const T *__restrict__ fs, const T *__restrict__ vs, const T *__restrict__ w, T en,
+                         const T *__restrict__ u, T *__restrict__ xr, T *__restrict__ vr)
+{
+  const int64_t f = FC ? FC : f_runtime;
+  const T u0 = u[0], u1 = u[1], u2 = u[2];
+  for (int64_t i = 0; i < f; ++i) xr[i] += fs[i] * w[i] * en;
+  for (int64_t i = 0; i < f; ++i) {
+    const T a = fs[f + i] * w[f + i] * en, c = fs[2 * f + i] * w[2 * f + i] * en;
+    vr[i] += vs[i] * a + c * u0;
+    vr[f + i] += vs[f + i] * a + c * u1;
+    vr[2 * f + i] += vs[2 * f + i] * a + c * u2;
+  }
+}
+
+template <typename T, int64_t FC>
 void forward_edges(const Sizes &z, const Tensor &filter, const Tensor &vec, const Tensor &rbf, const Tensor &weight,
                    const Tensor &bias, const Tensor &envelope, const Tensor &unit, const Tensor &sender,
                    const Tensor &receiver, Tensor &dx, Tensor &dv)
 {
   const int64_t f = z.features, n = z.atoms;
-  const T *__restrict__ fil = filter.data_ptr<T>();
-  const T *__restrict__ vc = vec.data_ptr<T>();
-  const T *__restrict__ env = envelope.data_ptr<T>();
-  const T *__restrict__ un = unit.data_ptr<T>();
+  const T *fil = filter.data_ptr<T>();
+  const T *vc = vec.data_ptr<T>();
+  const T *env = envelope.data_ptr<T>();
+  const T *un = unit.data_ptr<T>();
   const int64_t *snd = sender.data_ptr<int64_t>();
   const int64_t *rcv = receiver.data_ptr<int64_t>();
-  T *__restrict__ out_x = dx.data_ptr<T>();
-  T *__restrict__ out_v = dv.data_ptr<T>();
+  T *out_x = dx.data_ptr<T>();
+  T *out_v = dv.data_ptr<T>();
   Tensor scratch = at::empty({std::min(kChunk, z.edges), 3 * f}, filter.options());
   for (int64_t e0 = 0; e0 < z.edges; e0 += kChunk) {
     const int64_t rows = std::min(kChunk, z.edges - e0);
-    const T *__restrict__ rad = radial_chunk(rbf, weight, bias, e0, rows, scratch).data_ptr<T>();
+    const T *rad = radial_chunk(rbf, weight, bias, e0, rows, scratch).data_ptr<T>();
     for (int64_t k = 0; k < rows; ++k) {
       const int64_t e = e0 + k, s = snd[e], r = rcv[e];
       TORCH_CHECK(s >= 0 && s < n && r >= 0 && r < n, "efa::message: edge ", e, " joins atoms ", s, " -> ", r,
                   " but there are ", n, " atoms");
-      const T *__restrict__ fs = fil + s * 3 * f;
-      const T *__restrict__ vs = vc + s * 3 * f;
-      const T *__restrict__ w = rad + k * 3 * f;
-      T *__restrict__ xr = out_x + r * f;
-      T *__restrict__ vr = out_v + r * 3 * f;
-      const T en = env[e], u0 = un[3 * e], u1 = un[3 * e + 1], u2 = un[3 * e + 2];
-      for (int64_t i = 0; i < f; ++i) xr[i] += fs[i] * w[i] * en;
-      for (int64_t i = 0; i < f; ++i) {
-        const T a = fs[f + i] * w[f + i] * en, c = fs[2 * f + i] * w[2 * f + i] * en;
-        vr[i] += vs[i] * a + c * u0;
-        vr[f + i] += vs[f + i] * a + c * u1;
-        vr[2 * f + i] += vs[2 * f + i] * a + c * u2;
-      }
+      edge_forward<T, FC>(f, fil + s * 3 * f, vc + s * 3 * f, rad + k * 3 * f, env[e], un + 3 * e, out_x + r * f,
+                   out_v + r * 3 * f);
     }
   }
 }
@@ -124,7 +145,9 @@ std::tuple<Tensor, Tensor> message_cpu(const Tensor &filter_in, const Tensor &ve
   Tensor dv = at::zeros({z.atoms, 3, z.features}, vec.options());
   if (z.edges == 0) return {dx, dv};
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "efa::message", [&] {
-    forward_edges<scalar_t>(z, filter, vec, rbf, weight, bias, envelope, unit, sender, receiver, dx, dv);
+    with_feature_count(z.features, [&](auto fc) {
+      forward_edges<scalar_t, decltype(fc)::value>(z, filter, vec, rbf, weight, bias, envelope, unit, sender, receiver, dx, dv);
+    });
   });
   return {dx, dv};
 }
@@ -132,7 +155,37 @@ std::tuple<Tensor, Tensor> message_cpu(const Tensor &filter_in, const Tensor &ve
 // Per edge: the gradients of filter and vec (scattered to the sender), of the radial
 // weights (one chunk row), and the per-feature terms of the envelope and unit gradients
 // (summed over features per chunk by ATen, which vectorises the reduction).
-template <typename T>
+template <typename T, int64_t FC>
+inline void edge_backward(int64_t f_runtime, const T *__restrict__ gxr, const T *__restrict__ gvr, const T *__restrict__ fs,
+                          const T *__restrict__ vs, const T *__restrict__ w, T en, const T *__restrict__ u,
+                          T *__restrict__ gfs, T *__restrict__ gvs, T *__restrict__ gwk, T *__restrict__ t)
+{
+  const int64_t f = FC ? FC : f_runtime;
+  const T u0 = u[0], u1 = u[1], u2 = u[2];
+  for (int64_t i = 0; i < f; ++i) {
+    const T g_ds = gxr[i];
+    const T g0 = gvr[i], g1 = gvr[f + i], g2 = gvr[2 * f + i];
+    const T g_dvv = g0 * vs[i] + g1 * vs[f + i] + g2 * vs[2 * f + i];
+    const T g_dvs = g0 * u0 + g1 * u1 + g2 * u2;
+    const T fw_s = fs[i] * w[i], fw_v = fs[f + i] * w[f + i], fw_u = fs[2 * f + i] * w[2 * f + i];
+    const T dvv = fw_v * en, dvs = fw_u * en;
+    gvs[i] += g0 * dvv;
+    gvs[f + i] += g1 * dvv;
+    gvs[2 * f + i] += g2 * dvv;
+    gfs[i] += g_ds * w[i] * en;
+    gfs[f + i] += g_dvv * w[f + i] * en;
+    gfs[2 * f + i] += g_dvs * w[2 * f + i] * en;
+    gwk[i] = g_ds * fs[i] * en;
+    gwk[f + i] = g_dvv * fs[f + i] * en;
+    gwk[2 * f + i] = g_dvs * fs[2 * f + i] * en;
+    t[i] = g_ds * fw_s + g_dvv * fw_v + g_dvs * fw_u;
+    t[f + i] = g0 * dvs;
+    t[2 * f + i] = g1 * dvs;
+    t[3 * f + i] = g2 * dvs;
+  }
+}
+
+template <typename T, int64_t FC>
 void backward_edges(const Sizes &z, const Tensor &grad_dx, const Tensor &grad_dv, const Tensor &filter,
                     const Tensor &vec, const Tensor &rbf, const Tensor &weight, const Tensor &bias,
                     const Tensor &envelope, const Tensor &unit, const Tensor &sender, const Tensor &receiver,
@@ -140,16 +193,16 @@ void backward_edges(const Sizes &z, const Tensor &grad_dx, const Tensor &grad_dv
                     Tensor &g_envelope, Tensor &g_unit)
 {
   const int64_t f = z.features;
-  const T *__restrict__ gx = grad_dx.data_ptr<T>();
-  const T *__restrict__ gv = grad_dv.data_ptr<T>();
-  const T *__restrict__ fil = filter.data_ptr<T>();
-  const T *__restrict__ vc = vec.data_ptr<T>();
-  const T *__restrict__ env = envelope.data_ptr<T>();
-  const T *__restrict__ un = unit.data_ptr<T>();
+  const T *gx = grad_dx.data_ptr<T>();
+  const T *gv = grad_dv.data_ptr<T>();
+  const T *fil = filter.data_ptr<T>();
+  const T *vc = vec.data_ptr<T>();
+  const T *env = envelope.data_ptr<T>();
+  const T *un = unit.data_ptr<T>();
   const int64_t *snd = sender.data_ptr<int64_t>();
   const int64_t *rcv = receiver.data_ptr<int64_t>();
-  T *__restrict__ gf = g_filter.data_ptr<T>();
-  T *__restrict__ gvec = g_vec.data_ptr<T>();
+  T *gf = g_filter.data_ptr<T>();
+  T *gvec = g_vec.data_ptr<T>();
   const int64_t chunk = std::min(kChunk, z.edges);
   Tensor radial_scratch = at::empty({chunk, 3 * f}, filter.options());
   Tensor g_radial = at::empty({chunk, 3 * f}, filter.options());
@@ -158,42 +211,13 @@ void backward_edges(const Sizes &z, const Tensor &grad_dx, const Tensor &grad_dv
   const bool radial_grad = g_rbf.defined() || g_weight.defined() || g_bias.defined();
   for (int64_t e0 = 0; e0 < z.edges; e0 += kChunk) {
     const int64_t rows = std::min(kChunk, z.edges - e0);
-    const T *__restrict__ rad = radial_chunk(rbf, weight, bias, e0, rows, radial_scratch).data_ptr<T>();
-    T *__restrict__ gw = g_radial.data_ptr<T>();
-    T *__restrict__ tm = terms.data_ptr<T>();
+    const T *rad = radial_chunk(rbf, weight, bias, e0, rows, radial_scratch).data_ptr<T>();
+    T *gw = g_radial.data_ptr<T>();
+    T *tm = terms.data_ptr<T>();
     for (int64_t k = 0; k < rows; ++k) {
       const int64_t e = e0 + k, s = snd[e], r = rcv[e];
-      const T *__restrict__ fs = fil + s * 3 * f;
-      const T *__restrict__ vs = vc + s * 3 * f;
-      const T *__restrict__ w = rad + k * 3 * f;
-      const T *__restrict__ gxr = gx + r * f;
-      const T *__restrict__ gvr = gv + r * 3 * f;
-      T *__restrict__ gfs = gf + s * 3 * f;
-      T *__restrict__ gvs = gvec + s * 3 * f;
-      T *__restrict__ gwk = gw + k * 3 * f;
-      T *__restrict__ t = tm + k * 4 * f;
-      const T en = env[e], u0 = un[3 * e], u1 = un[3 * e + 1], u2 = un[3 * e + 2];
-      for (int64_t i = 0; i < f; ++i) {
-        const T g_ds = gxr[i];
-        const T g0 = gvr[i], g1 = gvr[f + i], g2 = gvr[2 * f + i];
-        const T g_dvv = g0 * vs[i] + g1 * vs[f + i] + g2 * vs[2 * f + i];
-        const T g_dvs = g0 * u0 + g1 * u1 + g2 * u2;
-        const T fw_s = fs[i] * w[i], fw_v = fs[f + i] * w[f + i], fw_u = fs[2 * f + i] * w[2 * f + i];
-        const T dvv = fw_v * en, dvs = fw_u * en;
-        gvs[i] += g0 * dvv;
-        gvs[f + i] += g1 * dvv;
-        gvs[2 * f + i] += g2 * dvv;
-        gfs[i] += g_ds * w[i] * en;
-        gfs[f + i] += g_dvv * w[f + i] * en;
-        gfs[2 * f + i] += g_dvs * w[2 * f + i] * en;
-        gwk[i] = g_ds * fs[i] * en;
-        gwk[f + i] = g_dvv * fs[f + i] * en;
-        gwk[2 * f + i] = g_dvs * fs[2 * f + i] * en;
-        t[i] = g_ds * fw_s + g_dvv * fw_v + g_dvs * fw_u;
-        t[f + i] = g0 * dvs;
-        t[2 * f + i] = g1 * dvs;
-        t[3 * f + i] = g2 * dvs;
-      }
+      edge_backward<T, FC>(f, gx + r * f, gv + r * 3 * f, fil + s * 3 * f, vc + s * 3 * f, rad + k * 3 * f, env[e],
+                    un + 3 * e, gf + s * 3 * f, gvec + s * 3 * f, gw + k * 3 * f, tm + k * 4 * f);
     }
     Tensor s = sums.narrow(0, 0, rows);
     at::sum_out(s, terms.narrow(0, 0, rows), {2});
@@ -231,8 +255,10 @@ Grads message_backward_cpu(const Tensor &grad_dx_in, const Tensor &grad_dv_in, c
   Tensor g_bias = output_mask[2] ? at::zeros_like(bias) : Tensor();
   if (z.edges > 0) {
     AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "efa::message_backward", [&] {
-      backward_edges<scalar_t>(z, grad_dx, grad_dv, filter, vec, rbf, weight, bias, envelope, unit, sender,
-                               receiver, g_filter, g_vec, g_rbf, g_weight, g_bias, g_envelope, g_unit);
+      with_feature_count(z.features, [&](auto fc) {
+        backward_edges<scalar_t, decltype(fc)::value>(z, grad_dx, grad_dv, filter, vec, rbf, weight, bias, envelope, unit, sender,
+                                       receiver, g_filter, g_vec, g_rbf, g_weight, g_bias, g_envelope, g_unit);
+      });
     });
   }
   return {g_filter, g_vec, g_rbf, g_weight, g_bias, g_envelope, g_unit};
