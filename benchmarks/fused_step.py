@@ -7,8 +7,7 @@ process, interleaved, minimum of the repeats (TorchScript, as the calculator and
 them). Times are the process's CPU time (time.process_time, one thread): on a core shared with
 other jobs, wall-clock time measures the other jobs too. Memory: the peak resident-set growth of one energy + forces call, each configuration in
 a fresh process (VmHWM after the call, reset just before it, minus VmRSS before it). Message
-share: forward + backward of the layers' message steps alone on the same graph (inputs needing
-gradients as in the step), divided by the step. MACE (32 channels, max_L = 0, 2 layers, same
+share: 1 - (the step with every message step replaced by zeros) / (the step). MACE (32 channels, max_L = 0, 2 layers, same
 cutoff) runs in the same process when mace-torch is installed (pip install -e ".[bench]").
 
     taskset -c 0 python benchmarks/fused_step.py        # writes benchmarks/results/fused_step.{md,json}
@@ -17,6 +16,7 @@ cutoff) runs in the same process when mace-torch is installed (pip install -e ".
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -72,11 +72,13 @@ def random_model(use_efa: bool, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def models(use_efa: bool, dtype: torch.dtype) -> dict:
+    """The same model scripted on each path, and without message steps ("none")."""
     model = random_model(use_efa, dtype)
     scripted = {}
     for path in PATHS:
         use_fused(model, path == "fused")
         scripted[path] = torch.jit.script(model)
+    scripted["none"] = without_messages(model)
     return scripted
 
 
@@ -86,32 +88,25 @@ def step(model, graph) -> float:
     return time.process_time() - t0
 
 
-def message_steps(model: torch.nn.Module, graph, fused: bool) -> float:
-    """Forward + backward of every layer's message step alone, on the graph's edges."""
-    sender, receiver = graph.edge_index
-    positions = graph.positions.detach().requires_grad_(True)
-    d = positions[sender] - positions[receiver] + graph.edge_shift
-    r = d.norm(dim=1)
-    rbf, envelope = model.radial(r)
-    unit = d / r.unsqueeze(1)
-    n, f = graph.positions.shape[0], model.features
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, f, generator=g, dtype=positions.dtype).requires_grad_(True)
-    vec = torch.randn(n, 3, f, generator=g, dtype=positions.dtype).requires_grad_(True)
-    edge_inputs = [t.detach().requires_grad_(True) for t in (rbf, envelope, unit)]
-    total = 0.0
+class NoMessage(torch.nn.Module):
+    """Stands in for a layer's message step to time the step without it (the 0 * rbf term keeps the
+    positions in the graph of a local model)."""
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor,
+                rbf: torch.Tensor, envelope: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(x) + 0.0 * rbf.sum(), torch.zeros_like(vec)
+
+
+def without_messages(model: torch.nn.Module) -> torch.jit.ScriptModule:
+    model = copy.deepcopy(model)
     for layer in model.layers:
-        use_fused(layer, fused)
-        t0 = time.process_time()
-        dx, dv = layer.message(x, vec, sender, receiver, *edge_inputs)
-        torch.autograd.grad(dx.sum() + dv.sum(), [x, vec, *edge_inputs])
-        total += time.process_time() - t0
-    return total
+        layer.message = NoMessage()
+    return torch.jit.script(model)
 
 
 def max_relative_difference(fused, reference, graph) -> float:
-    a = energy_and_forces(fused, *graph.inputs())
-    b = energy_and_forces(reference, *graph.inputs())
+    a = [t.detach() for t in energy_and_forces(fused, *graph.inputs())]
+    b = [t.detach() for t in energy_and_forces(reference, *graph.inputs())]
     return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)) for x, y in zip(a, b))
 
 
@@ -158,19 +153,17 @@ def timings(n_atoms: int, use_efa: bool, dtype_name: str, repeats: int, with_mac
     dtype = DTYPES[dtype_name]
     graph = structure_graph(water_droplet(n_atoms), [1, 8], 5.0, dtype)
     scripted = models(use_efa, dtype)
-    eager = random_model(use_efa, dtype)
     mace = mace_model(dtype) if with_mace else None
     inputs = mace_inputs(graph, dtype) if mace is not None else None
-    for model in scripted.values():  # warm-up: TorchScript profiles its first calls
-        step(model, graph)
-        step(model, graph)
+    for model in scripted.values():  # warm-up: TorchScript profiles, then optimises, in its first calls
+        for _ in range(3):
+            step(model, graph)
     if mace is not None:
         mace_step(mace, inputs)
-    best = {p: np.inf for p in PATHS} | {f"message_{p}": np.inf for p in PATHS} | {"mace": np.inf}
+    best = {p: np.inf for p in scripted} | {"mace": np.inf}
     for _ in range(repeats):
-        for path in PATHS:
-            best[path] = min(best[path], step(scripted[path], graph))
-            best[f"message_{path}"] = min(best[f"message_{path}"], message_steps(eager, graph, path == "fused"))
+        for path, model in scripted.items():
+            best[path] = min(best[path], step(model, graph))
         if mace is not None:
             best["mace"] = min(best["mace"], mace_step(mace, inputs))
     n, e = graph.positions.shape[0], graph.edge_index.shape[1]
@@ -178,7 +171,7 @@ def timings(n_atoms: int, use_efa: bool, dtype_name: str, repeats: int, with_mac
            "max_rel_diff": max_relative_difference(scripted["fused"], scripted["reference"], graph)}
     for path in PATHS:
         row[f"us_per_atom_{path}"] = 1e6 * best[path] / n
-        row[f"message_share_{path}"] = best[f"message_{path}"] / best[path]
+        row[f"message_share_{path}"] = 1.0 - best["none"] / best[path]
     row["speedup"] = best["reference"] / best["fused"]
     row["us_per_atom_mace"] = 1e6 * best["mace"] / n if mace is not None else None
     return row
@@ -202,7 +195,7 @@ def _status_kb(field: str) -> int:
 def memory_probe(n_atoms: int, use_efa: bool, dtype_name: str, path: str) -> dict:
     """Peak resident growth of one energy + forces call (in this process, which must be fresh)."""
     dtype = DTYPES[dtype_name]
-    model = models(use_efa, dtype)[path]
+    model = models(use_efa, dtype)[path]  # the others are freed before the baseline
     step(model, structure_graph(water_droplet(30), [1, 8], 5.0, dtype))  # libraries initialised, profiled
     step(model, structure_graph(water_droplet(30), [1, 8], 5.0, dtype))
     graph = structure_graph(water_droplet(n_atoms), [1, 8], 5.0, dtype)
@@ -232,8 +225,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Model: 32 features, 2 layers, cutoff 5 A, 16 radial functions; EFA with a fixed 50-point grid. "
         f"Water droplets tiled from export/water16.xyz ({SPACING} A spacing). One thread (`taskset -c 0`, "
         f"OMP_NUM_THREADS=1), CPU time of the process, TorchScript, reference and fused interleaved in one process, minimum of "
-        f"{meta['repeats']} repeats. Memory: peak resident growth of one call, fresh process per configuration. "
-        "Message share: the layers' message steps (forward + backward) timed alone, over the step.", "",
+        f"{meta['repeats'] or 'the'} repeats. Memory: peak resident growth of one call, fresh process per configuration. "
+        "Message share: 1 - (step with the message steps replaced by zeros) / (step), same process.", "",
         "| atoms | edges | model | dtype | us/atom ref | us/atom fused | speed-up | KB/atom ref | KB/atom fused "
         "| memory ratio | message share ref | message share fused | us/atom MACE | MACE / fused | max rel diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -260,11 +253,14 @@ def main() -> None:
     parser.add_argument("--note", default="2-core development VM shared with other jobs: timings are noisy; "
                                            "ratios are from one run, same process.")
     parser.add_argument("--out", type=Path, default=RESULTS / "fused_step")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="LOG",
+                        help="measure nothing: write the tables from the rows earlier runs printed to these logs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with_mace = not args.no_mace and mace_model(torch.float64) is not None
-    rows = []
-    for n in args.sizes:
+    rows = [json.loads(line) for log in args.merge or [] for line in log.read_text().splitlines()
+            if line.startswith("{")]
+    for n in [] if args.merge else args.sizes:
         for dtype_name in args.dtypes:
             for name in args.models:
                 mace = with_mace and name == "EFA" and n <= args.mace_max_atoms
@@ -274,7 +270,8 @@ def main() -> None:
                 row["memory_ratio"] = row["kb_per_atom_reference"] / row["kb_per_atom_fused"]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    meta = {"machine": machine(), "note": args.note, "repeats": args.repeats, "mace": with_mace,
+    rows.sort(key=lambda r: (r["atoms"], r["dtype"], r["model"] != "local"))
+    meta = {"machine": machine(), "note": args.note, "repeats": None if args.merge else args.repeats, "mace": with_mace,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
