@@ -15,7 +15,7 @@ import torch
 from ase.data import chemical_symbols
 
 from . import __version__
-from .model import EnergyModel, ModelConfig
+from .model import EnergyModel, ModelConfig, use_fused
 from .model_schema import (FIELDS, FORMAT_VERSION, METADATA_RECORD, MetadataError, network_crc32, parse_metadata,
                            validate_metadata)
 
@@ -95,7 +95,11 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     bad = _non_finite_fields(metadata)
     if bad:
         raise ValueError(f"metadata field '{bad[0]}' is NaN or inf: a model file holds finite numbers only")
-    scripted = torch.jit.script(model.eval())
+    use_fused(model.eval(), True)  # inference: the fused message operator (first derivatives only)
+    try:
+        scripted = torch.jit.script(model)
+    finally:
+        use_fused(model, False)  # the caller's model keeps training on the reference path
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: "{}"})
     metadata["network_crc32"] = network_crc32(_zip_records(buffer))

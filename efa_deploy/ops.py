@@ -5,6 +5,9 @@ ghost communication (see lammps_plugin/efa_ops.h). The compiled library libefa_o
 loaded when it is built; without it (only torch installed, no compiler run) the same operators
 are registered here in pure torch, with the same schemas and adjoints, so that models import,
 train, script and export anywhere. Both carry shape-only (fake) kernels for torch.export.
+
+efa::message is the fused local message step (lammps_plugin/fused_message.cpp); its pure-torch
+registration is the reference, efa_deploy.model.local.message_passing.
 """
 
 import torch
@@ -13,6 +16,8 @@ from .paths import OPS_LIBRARY
 
 # operator -> its adjoint (the operator its backward applies)
 ADJOINTS = {"global_sum": "global_sum", "forward_ghosts": "reverse_ghosts", "reverse_ghosts": "forward_ghosts"}
+MESSAGE_SCHEMA = ("message(Tensor filter, Tensor vec, Tensor rbf, Tensor weight, Tensor bias, Tensor envelope, "
+                  "Tensor unit, Tensor sender, Tensor receiver) -> (Tensor, Tensor)")
 
 _loaded = False
 _library = None  # keeps the pure-torch registrations alive
@@ -28,6 +33,10 @@ def _register_pure_torch() -> None:
     for name, adjoint in ADJOINTS.items():
         adjoint_op = getattr(torch.ops.efa, adjoint)
         torch.library.register_autograd(f"efa::{name}", lambda ctx, grad, op=adjoint_op: op(grad), lib=_library)
+    from .model.local import message_passing  # here: the model package imports this module
+
+    _library.define(MESSAGE_SCHEMA)
+    _library.impl("message", message_passing, "CompositeImplicitAutograd")  # autograd and meta by decomposition
 
 
 def load_ops() -> str:

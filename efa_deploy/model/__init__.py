@@ -2,6 +2,7 @@ from .config import ModelConfig
 from .efa import EuclideanFastAttention
 from .energy import EnergyModel, build_model, energy_and_forces
 from .lebedev import SAFE_B_MAX, lebedev_grid
+from .local import use_fused
 
 __all__ = [
     "EnergyModel",
@@ -11,4 +12,5 @@ __all__ = [
     "build_model",
     "energy_and_forces",
     "lebedev_grid",
+    "use_fused",
 ]

@@ -5,6 +5,9 @@ import math
 
 import torch
 from torch import Tensor, nn
+from torch.nn.functional import linear
+
+from .. import ops  # noqa: F401  (registers torch.ops.efa)
 
 
 class RadialBasis(nn.Module):
@@ -29,24 +32,52 @@ def mlp(n_in: int, n_hidden: int, n_out: int, zero_last: bool = False) -> nn.Seq
     return nn.Sequential(nn.Linear(n_in, n_hidden), nn.SiLU(), last)
 
 
+def message_passing(
+    filter: Tensor, vec: Tensor, rbf: Tensor, weight: Tensor, bias: Tensor, envelope: Tensor, unit: Tensor,
+    sender: Tensor, receiver: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The reference message step (edge = (sender j, receiver i)); torch.ops.efa.message computes
+    the same in one pass over the edges (lammps_plugin/fused_message.cpp)."""
+    m = filter[sender] * linear(rbf, weight, bias) * envelope
+    ds, dvv, dvs = torch.split(m, vec.shape[2], dim=1)
+    dv_edge = vec[sender] * dvv.unsqueeze(1) + dvs.unsqueeze(1) * unit.unsqueeze(2)
+    dx = torch.zeros(vec.shape[0], vec.shape[2], dtype=vec.dtype, device=vec.device).index_add(0, receiver, ds)
+    dv = torch.zeros_like(vec).index_add(0, receiver, dv_edge)
+    return dx, dv
+
+
 class Message(nn.Module):
-    """Scalar and vector updates from neighbours j of receiver i (edge = (j, i))."""
+    """Scalar and vector updates from neighbours j of receiver i (edge = (j, i)).
+
+    `fused` (set by use_fused) selects the fused operator on CPU: first derivatives only, no
+    E x F tensors; the reference keeps second derivatives for training with force losses.
+    """
+
+    fused: bool
 
     def __init__(self, features: int, num_radial: int):
         super().__init__()
         self.features = features
         self.filter_net = mlp(features, features, 3 * features)
         self.radial = nn.Linear(num_radial, 3 * features)
+        self.fused = False
 
     def forward(
         self, x: Tensor, vec: Tensor, sender: Tensor, receiver: Tensor, rbf: Tensor, envelope: Tensor, unit: Tensor
     ) -> tuple[Tensor, Tensor]:
-        m = self.filter_net(x)[sender] * self.radial(rbf) * envelope
-        ds, dvv, dvs = torch.split(m, self.features, dim=1)
-        dv_edge = vec[sender] * dvv.unsqueeze(1) + dvs.unsqueeze(1) * unit.unsqueeze(2)
-        dx = torch.zeros_like(x).index_add(0, receiver, ds)
-        dv = torch.zeros_like(vec).index_add(0, receiver, dv_edge)
-        return dx, dv
+        filter, weight, bias = self.filter_net(x), self.radial.weight, self.radial.bias
+        if self.fused and x.device.type == "cpu":
+            return torch.ops.efa.message(filter, vec, rbf, weight, bias, envelope, unit, sender, receiver)
+        return message_passing(filter, vec, rbf, weight, bias, envelope, unit, sender, receiver)
+
+
+def use_fused(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every message layer of `model` to the fused operator (inference: exported files,
+    calculator, LAMMPS) or back to the reference (training with force losses); returns model."""
+    for module in model.modules():
+        if isinstance(module, Message):
+            module.fused = enabled
+    return model
 
 
 class Update(nn.Module):

@@ -1,0 +1,259 @@
+"""The fused message operator torch.ops.efa.message against the reference message_passing:
+float64 equality (1e-12 relative) of outputs, gradients, energies, forces and per-atom
+energies on random graphs, empty graphs, isolated atoms and ghosts; TorchScript; LAMMPS at
+1 and 2 ranks; a clear error on double backward; and a negative control per input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ase.io import read
+
+from efa_deploy.graph import structure_graph
+from efa_deploy.model import ModelConfig, energy_and_forces, use_fused
+from efa_deploy.model.local import message_passing
+from efa_deploy.modelfile import METADATA_NAME, load_model_file, model_metadata, save_model_file
+from efa_deploy.ops import MESSAGE_SCHEMA
+from efa_deploy.paths import OPS_LIBRARY
+
+from conftest import REPO, jittered_cluster, randomised_model
+from lammps_helpers import static_run, write_data
+
+pytestmark = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
+
+RTOL = 1e-12
+FLOAT_INPUTS = ("filter", "vec", "rbf", "weight", "bias", "envelope", "unit")
+
+
+def random_inputs(atoms: int, edges: int, features: int = 8, radial: int = 5, linked: int | None = None,
+                  seed: int = 0) -> dict:
+    """Inputs of one message step; edges join only the first `linked` atoms (the rest are isolated)."""
+    g = torch.Generator().manual_seed(seed)
+    linked = atoms if linked is None else linked
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    unit = rand(edges, 3)
+    return {
+        "filter": rand(atoms, 3 * features), "vec": rand(atoms, 3, features), "rbf": rand(edges, radial),
+        "weight": rand(3 * features, radial), "bias": rand(3 * features), "envelope": torch.rand(edges, 1, generator=g,
+                                                                                                   dtype=torch.float64),
+        "unit": unit / unit.norm(dim=1, keepdim=True),
+        "sender": torch.randint(0, max(linked, 1), (edges,), generator=g),
+        "receiver": torch.randint(0, max(linked, 1), (edges,), generator=g),
+    }
+
+
+def outputs_and_gradients(op, inputs: dict) -> list[torch.Tensor]:
+    """(dx, dv) and the gradient of a fixed random functional of them with respect to every float input."""
+    leaves = {k: v.clone().requires_grad_(k in FLOAT_INPUTS) for k, v in inputs.items()}
+    dx, dv = op(*leaves.values())
+    g = torch.Generator().manual_seed(1)
+    loss = (dx * torch.randn(dx.shape, generator=g, dtype=dx.dtype)).sum() + (
+        dv * torch.randn(dv.shape, generator=g, dtype=dv.dtype)).sum()
+    grads = torch.autograd.grad(loss, [leaves[k] for k in FLOAT_INPUTS], allow_unused=True)
+    return [dx, dv] + [torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(FLOAT_INPUTS, grads)]
+
+
+def assert_close(actual: list[torch.Tensor], expected: list[torch.Tensor], rtol: float = RTOL) -> None:
+    """Equal to rtol relative to each tensor's largest entry."""
+    for a, b in zip(actual, expected, strict=True):
+        assert a.shape == b.shape
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a, b, rtol=0, atol=rtol * max(scale, 1e-300))
+
+
+@pytest.mark.parametrize(
+    "atoms, edges, linked",
+    [(0, 0, None), (6, 0, None), (1, 3, None), (7, 40, None), (60, 1500, None), (300, 2049, 100)],
+    ids=["0 atoms", "0 edges", "self loops", "small", "3 chunks", "isolated atoms"],
+)
+def test_operator_equals_reference(atoms, edges, linked):
+    inputs = random_inputs(atoms, edges, linked=linked)
+    fused = outputs_and_gradients(torch.ops.efa.message, inputs)
+    assert_close(fused, outputs_and_gradients(message_passing, inputs))
+    if linked is not None:  # isolated atoms receive nothing and pass nothing back
+        assert fused[0][linked:].abs().max() == 0 and fused[2][linked:].abs().max() == 0
+    if edges:
+        assert all(t.abs().max() > 0 for t in fused)  # every output and gradient is exercised
+
+
+@pytest.mark.parametrize("name", FLOAT_INPUTS)
+def test_a_perturbed_term_fails_the_comparison(name):
+    """Negative control: a 1e-9 relative change to any one input is caught by the comparison."""
+    inputs = random_inputs(40, 300)
+    fused = outputs_and_gradients(torch.ops.efa.message, inputs)
+    broken = dict(inputs, **{name: inputs[name] * (1 + 1e-9)})
+    with pytest.raises(AssertionError):
+        assert_close(fused, outputs_and_gradients(message_passing, broken))
+
+
+def test_first_derivatives_match_finite_differences():
+    inputs = random_inputs(5, 12, features=3, radial=2)
+    args = [v.requires_grad_(k in FLOAT_INPUTS) for k, v in inputs.items()]
+    assert torch.autograd.gradcheck(torch.ops.efa.message, args)
+
+
+def test_double_backward_raises():
+    inputs = random_inputs(5, 12)
+    args = [v.requires_grad_(k in FLOAT_INPUTS) for k, v in inputs.items()]
+    dx, dv = torch.ops.efa.message(*args)
+    (g,) = torch.autograd.grad(dx.sum() + (dv ** 2).sum(), [args[0]], create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative.*use_fused"):
+        g.sum().backward()
+
+
+def test_bad_shapes_and_indices_raise_clear_errors():
+    inputs = random_inputs(4, 6)
+    with pytest.raises(RuntimeError, match=r"unit must be \(E, 3\)"):
+        torch.ops.efa.message(*dict(inputs, unit=inputs["unit"][:, :2]).values())
+    with pytest.raises(RuntimeError, match="edge 2 joins atoms"):
+        sender = inputs["sender"].clone()
+        sender[2] = 4
+        torch.ops.efa.message(*dict(inputs, sender=sender).values())
+
+
+def test_schema_and_meta_kernel():
+    assert str(torch.ops.efa.message.default._schema) == "efa::" + MESSAGE_SCHEMA
+    meta = {k: v.to("meta") for k, v in random_inputs(9, 20, features=4).items()}
+    dx, dv = torch.ops.efa.message(*meta.values())
+    assert dx.shape == (9, 4) and dv.shape == (9, 3, 4) and dx.device.type == "meta"
+
+
+# -- the whole model --------------------------------------------------------------------------
+
+CONFIG = ModelConfig(atomic_numbers=[1, 8], features=16, num_layers=2, cutoff=4.0, r_max=30.0)
+
+
+def water_cluster():
+    water = read(REPO / "export" / "water16.xyz")
+    water.center()
+    return water
+
+
+def model_outputs(model, graph, fused: bool):
+    """Energies, forces and per-atom energies; checks that the fused operator ran exactly when expected."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        energy, forces, atomic = energy_and_forces(model, *graph.inputs())
+    names = {event.name for event in profile.events()}
+    assert ("efa::message" in names) == fused and ("efa::message_backward" in names) == fused
+    return [energy.detach(), forces.detach(), atomic.detach()]
+
+
+def fused_and_reference(graph, config=CONFIG, script=False):
+    model = randomised_model(config)
+    wrap = torch.jit.script if script else (lambda m: m)
+    reference = model_outputs(wrap(use_fused(model, False)), graph, fused=False)
+    fused = model_outputs(wrap(use_fused(model, True)), graph, fused=True)
+    assert reference[0].abs().max() > 0.01 or graph.positions.shape[0] == 0  # a model that does something
+    return fused, reference
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["eager", "TorchScript"])
+def test_model_on_water_cluster(script):
+    graph = structure_graph(water_cluster(), CONFIG.atomic_numbers, CONFIG.cutoff)
+    fused, reference = fused_and_reference(graph, script=script)
+    assert_close(fused, reference)
+
+
+def test_model_with_ghosts_and_isolated_atoms():
+    """owned = 0 rows (ghost copies, as on an MPI rank) and atoms beyond the cutoff of all others."""
+    atoms = jittered_cluster(30)
+    atoms.positions[-3:] += [[40.0, 0, 0], [0, 40.0, 0], [0, 0, 40.0]]
+    graph = structure_graph(atoms, [1, 6, 8], 4.0)
+    graph.owned[::4] = 0.0
+    config = ModelConfig(atomic_numbers=[1, 6, 8], features=8, num_layers=3, cutoff=4.0, use_efa=False)
+    fused, reference = fused_and_reference(graph, config)
+    assert_close(fused, reference)
+    assert (fused[2][::4] == 0).all() and fused[1][::4].abs().max() > 0  # ghosts: no energy, but forces
+
+
+def test_model_on_empty_graphs():
+    for atoms in (jittered_cluster(0), jittered_cluster(2, spacing=20.0)):  # an empty rank; no edges
+        graph = structure_graph(atoms, [1, 6, 8], 4.0)
+        config = ModelConfig(atomic_numbers=[1, 6, 8], features=8, use_efa=False)
+        fused, reference = fused_and_reference(graph, config)
+        assert_close(fused, reference)
+
+
+def test_training_with_the_fused_path_raises():
+    model = use_fused(randomised_model(CONFIG), True)
+    graph = structure_graph(water_cluster(), CONFIG.atomic_numbers, CONFIG.cutoff)
+    _, forces, _ = energy_and_forces(model, *graph.inputs(), create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        (forces ** 2).sum().backward()
+
+
+# Without the compiled library: efa::message is the reference, registered in pure torch.
+PURE_TORCH = r"""
+from pathlib import Path
+import efa_deploy.paths
+efa_deploy.paths.OPS_LIBRARY = Path("/nonexistent/libefa_ops.so")
+import torch
+from efa_deploy.ops import load_ops
+from efa_deploy.model import ModelConfig, build_model, energy_and_forces, use_fused
+assert load_ops() == "pure torch"
+torch.manual_seed(0)
+model = build_model(ModelConfig(atomic_numbers=[1], features=4, num_layers=2, use_efa=False))
+positions = torch.rand(5, 3, dtype=torch.float64) * 2
+edges = torch.tensor([[0, 1, 2, 3, 4, 0], [1, 2, 3, 4, 0, 2]])
+inputs = (torch.zeros(5, dtype=torch.long), edges, torch.zeros(6, 3, dtype=torch.float64),
+          torch.zeros(5, dtype=torch.long), 1, torch.ones(5, dtype=torch.float64))
+reference = energy_and_forces(model, positions, *inputs)
+fused = energy_and_forces(torch.jit.script(use_fused(model, True)), positions, *inputs)
+print(max(float((a - b).abs().max()) for a, b in zip(reference, fused)))
+"""
+
+
+def test_fused_models_run_without_the_compiled_library():
+    result = subprocess.run([sys.executable, "-c", PURE_TORCH], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout) == 0.0  # the pure-torch operator is the reference itself
+
+
+# -- exported files in LAMMPS -----------------------------------------------------------------
+
+ELEMENTS = ["H", "C", "O"]
+LAMMPS_CONFIG = ModelConfig(atomic_numbers=[1, 6, 8], features=16, num_layers=2, cutoff=4.0, r_max=20.0)
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """The exported (fused) file, and the same model scripted on the reference path."""
+    folder = tmp_path_factory.mktemp("fused")
+    model = randomised_model(LAMMPS_CONFIG)
+    save_model_file(model, LAMMPS_CONFIG, folder / "fused.pt")
+    use_fused(model, False)
+    metadata = json.dumps(model_metadata(model, LAMMPS_CONFIG))
+    torch.jit.save(torch.jit.script(model), str(folder / "reference.pt"), _extra_files={METADATA_NAME: metadata})
+    return {name: folder / f"{name}.pt" for name in ("fused", "reference")}
+
+
+def test_export_selects_the_fused_path(model_files):
+    fused, _ = load_model_file(model_files["fused"])
+    reference, _ = load_model_file(model_files["reference"])
+    flags = {name: [m.fused for key, m in module.named_modules() if key.endswith(".message")]
+             for name, module in (("fused", fused), ("reference", reference))}
+    assert flags == {"fused": [True, True], "reference": [False, False]}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_lammps_fused_file_equals_reference_file(tmp_path, model_files, nprocs):
+    atoms = jittered_cluster(40)
+    results = {}
+    for name, path in model_files.items():
+        workdir = tmp_path / name
+        workdir.mkdir()
+        write_data(atoms, workdir / "data.lmp", ELEMENTS)
+        results[name] = static_run(workdir, path, ELEMENTS, nprocs=nprocs)
+    fused, reference = results["fused"], results["reference"]
+    assert abs(reference.energy) > 1.0 and np.abs(reference.forces).max() > 0.1
+    assert fused.energy == pytest.approx(reference.energy, rel=RTOL)
+    np.testing.assert_allclose(fused.forces, reference.forces, rtol=0, atol=RTOL * np.abs(reference.forces).max())
+    np.testing.assert_allclose(fused.atomic_energies, reference.atomic_energies, rtol=0,
+                               atol=RTOL * np.abs(reference.atomic_energies).max())
+    np.testing.assert_allclose(fused.virial, reference.virial, rtol=0, atol=RTOL * np.abs(reference.virial).max())
