@@ -82,9 +82,10 @@ def _zip_records(source) -> dict[str, bytes]:
 
 
 def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.PathLike, provenance: dict | None = None,
-                    overwrite: bool = False) -> dict:
+                    overwrite: bool = False, fused: bool = True) -> dict:
     """Script the model and write it with its metadata atomically; returns the metadata.
-    Refuses weights or metadata that hold NaN or inf."""
+    Refuses weights or metadata that hold NaN or inf. `fused=False` keeps the reference message
+    passing in the file (tests compare the two)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
@@ -95,7 +96,7 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     bad = _non_finite_fields(metadata)
     if bad:
         raise ValueError(f"metadata field '{bad[0]}' is NaN or inf: a model file holds finite numbers only")
-    use_fused(model.eval(), True)  # inference: the fused message operator (first derivatives only)
+    use_fused(model.eval(), fused)  # inference: the fused message operator (first derivatives only)
     try:
         scripted = torch.jit.script(model)
     finally:

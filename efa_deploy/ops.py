@@ -10,6 +10,8 @@ efa::message is the fused local message step (lammps_plugin/fused_message.cpp); 
 registration is the reference, efa_deploy.model.local.message_passing.
 """
 
+import os
+
 import torch
 
 from .paths import OPS_LIBRARY
@@ -39,12 +41,22 @@ def _register_pure_torch() -> None:
     _library.impl("message", message_passing, "CompositeImplicitAutograd")  # autograd and meta by decomposition
 
 
+def keep_large_blocks() -> bool:
+    """Let glibc keep large freed blocks (no page faults for every big tensor of every call);
+    used when EFA_DEPLOY_MALLOC=keep. pair_style efa does this by default."""
+    import ctypes
+
+    return OPS_LIBRARY.exists() and ctypes.CDLL(str(OPS_LIBRARY)).efa_keep_large_blocks() == 1
+
+
 def load_ops() -> str:
     """Register torch.ops.efa once per process; returns which implementation is in use."""
     global _loaded
     if not _loaded:
         if OPS_LIBRARY.exists():
             torch.ops.load_library(str(OPS_LIBRARY))
+            if os.environ.get("EFA_DEPLOY_MALLOC") == "keep":
+                keep_large_blocks()
         else:
             _register_pure_torch()
         _loaded = True

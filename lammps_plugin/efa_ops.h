@@ -40,3 +40,7 @@ class BackendGuard {
 };
 
 }  // namespace efa
+
+// Keeps large freed blocks in the heap (no mmap per tensor); returns 1 when applied, 0 when
+// EFA_DEPLOY_MALLOC=system or the C library has no such setting (malloc_policy.cpp).
+extern "C" int efa_keep_large_blocks();

@@ -5,7 +5,6 @@ energies on random graphs, empty graphs, isolated atoms and ghosts; TorchScript;
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ from ase.io import read
 from efa_deploy.graph import structure_graph
 from efa_deploy.model import ModelConfig, energy_and_forces, use_fused
 from efa_deploy.model.local import message_passing
-from efa_deploy.modelfile import METADATA_NAME, load_model_file, model_metadata, save_model_file
+from efa_deploy.modelfile import load_model_file, save_model_file
 from efa_deploy.ops import MESSAGE_SCHEMA
 from efa_deploy.paths import OPS_LIBRARY
 
@@ -226,9 +225,7 @@ def model_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fused")
     model = randomised_model(LAMMPS_CONFIG)
     save_model_file(model, LAMMPS_CONFIG, folder / "fused.pt")
-    use_fused(model, False)
-    metadata = json.dumps(model_metadata(model, LAMMPS_CONFIG))
-    torch.jit.save(torch.jit.script(model), str(folder / "reference.pt"), _extra_files={METADATA_NAME: metadata})
+    save_model_file(model, LAMMPS_CONFIG, folder / "reference.pt", fused=False)
     return {name: folder / f"{name}.pt" for name in ("fused", "reference")}
 
 
