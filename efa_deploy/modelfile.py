@@ -14,7 +14,7 @@ from . import __version__
 from .model import EnergyModel, ModelConfig
 
 FORMAT = "efa-deploy-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the file carries Lebedev rules and chooses its grid at run time (efa.grid_rules)
 METADATA_NAME = "metadata.json"
 # (field, type) pairs every reader relies on; the plugin checks the same list
 REQUIRED_FIELDS = (
@@ -32,7 +32,7 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
         efa.update(
             grid_points=config.grid_points, b_max=float(config.b_max), r_max=float(config.r_max),
             frequencies=[float(w) for w in block.omega.tolist()],
-            D=2 * int(block.omega.numel()), Dv=config.value_dim,
+            D=2 * int(block.omega.numel()), Dv=config.value_dim, grid_rules=model.grid_sizes(),
         )
     return {
         "format": FORMAT,
@@ -57,6 +57,8 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
     metadata = model_metadata(model, config, provenance)
+    if model.grid_size() != config.grid_points:
+        model.set_grid_size(config.grid_points)  # a file starts on its training grid
     scripted = torch.jit.script(model.eval())
     tmp = path.with_name(path.name + ".tmp")
     torch.jit.save(scripted, str(tmp), _extra_files={METADATA_NAME: json.dumps(metadata, indent=1)})
@@ -78,7 +80,7 @@ def validate_metadata(metadata: dict, source: str = "model file") -> dict:
     if metadata["format_version"] != FORMAT_VERSION:
         raise ValueError(
             f"{source}: metadata field 'format_version' is {metadata['format_version']}, this package reads "
-            f"{FORMAT_VERSION}; re-export the model with this version of efa-export"
+            f"{FORMAT_VERSION}; convert it with `efa-export --from-model OLD.pt -o NEW.pt`"
         )
     if len(metadata["elements"]) != len(metadata["atomic_numbers"]):
         raise ValueError(f"{source}: metadata fields 'elements' and 'atomic_numbers' differ in length")
@@ -87,6 +89,12 @@ def validate_metadata(metadata: dict, source: str = "model file") -> dict:
 
 def load_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
     """Load a TorchScript model file and its validated metadata; clear errors for bad files."""
+    module, metadata = read_model_file(path, device)
+    return module, validate_metadata(metadata, str(path))
+
+
+def read_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """The module and the metadata of a model file of any format version, unchecked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
@@ -102,4 +110,33 @@ def load_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch
         metadata = json.loads(extra[METADATA_NAME])
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: {METADATA_NAME} is not valid JSON ({err})") from None
-    return module, validate_metadata(metadata, str(path))
+    return module, metadata
+
+
+def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, dict]:
+    """The eager model of a model file of any format version, built by this package's code from
+    the file's `config` and weights: how older files become current ones."""
+    module, metadata = read_model_file(path)
+    if metadata.get("format") != FORMAT or "config" not in metadata or "dtype" not in metadata:
+        raise ValueError(f"{path}: not an efa-deploy model file (no format/config/dtype in its metadata)")
+    config = ModelConfig.from_dict(metadata["config"])
+    model = EnergyModel(config).to(getattr(torch, metadata["dtype"]))
+    # the rules are the code's; the training grid and everything else is the file's
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("grid.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit the model its config describes ({err})") from None
+    if config.use_efa:
+        block = model.layers[0].global_update.efa
+        model.grid.adopt(config.grid_points, block.grid_points, block.grid_weights)
+    return model.eval(), config, metadata
+
+
+def convert_model_file(old: str | os.PathLike, new: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Write `old` (a model file of any format version) as a current one; returns its metadata."""
+    model, config, metadata = rebuild_model(old)
+    provenance = {k: v for k, v in metadata.get("provenance", {}).items() if k != "package_version"}
+    provenance["converted_from"] = {"file": Path(old).name, "format_version": metadata.get("format_version"),
+                                    "package_version": metadata.get("provenance", {}).get("package_version")}
+    return save_model_file(model, config, new, provenance, overwrite)

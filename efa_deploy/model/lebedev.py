@@ -1,5 +1,6 @@
 """Lebedev quadrature on the unit sphere, indexed by number of points."""
 
+import functools
 import math
 
 import numpy as np
@@ -28,6 +29,12 @@ def lebedev_grid(num_points: int) -> tuple[np.ndarray, np.ndarray]:
     if order is None:
         sizes = ", ".join(str(n) for n in sorted(_ORDER_BY_POINTS))
         raise ValueError(f"no Lebedev grid has {num_points} points; choose one of: {sizes}")
+    points, weights = _rule(order)
+    return points.copy(), weights.copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _rule(order: int) -> tuple[np.ndarray, np.ndarray]:
     points, weights = lebedev_rule(order)
     return np.ascontiguousarray(points.T), weights / weights.sum()
 
