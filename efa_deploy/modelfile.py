@@ -57,7 +57,7 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
     metadata = model_metadata(model, config, provenance)
-    if model.grid_size() != config.grid_points:
+    if config.use_efa and model.grid_size() != config.grid_points:
         model.set_grid_size(config.grid_points)  # a file starts on its training grid
     scripted = torch.jit.script(model.eval())
     tmp = path.with_name(path.name + ".tmp")

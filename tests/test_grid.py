@@ -125,7 +125,7 @@ def test_hysteresis(model):
     assert module.select_grid(1.01 * reach[50] / (1 + SHRINK_MARGIN)) == expected
     assert module.select_grid(0.99 * reach[50] / (1 + SHRINK_MARGIN)) == 50
     # an extent wandering about a threshold changes the grid once
-    chosen = [module.select_grid(reach[50] * (1.0 + 0.02 * math.sin(k))) for k in range(40)]
+    chosen = [module.select_grid(reach[50] * (1.0 - 0.02 * math.cos(k))) for k in range(40)]
     assert len(set(chosen)) == 2 and sum(a != b for a, b in zip(chosen, chosen[1:])) == 1
     # a jump goes straight to the rule it needs
     assert module.select_grid(0.95 * reach[1202]) == 1202
@@ -200,8 +200,8 @@ def test_nve_across_a_grid_change_conserves_energy(model, tmp_path):
     _, path = model
     probe = load_model_file(path)[0]
     rule = next(n for n in probe.grid_sizes() if probe.exact_extent(n) > 12.0)
-    start = probe.exact_extent(rule) / (1 + GROW_MARGIN) + 0.05  # chooses `rule`, grows 0.6 A later
-    left = jittered_cluster(8, spacing=1.6, seed=3, offset=0.0)
+    start = probe.exact_extent(rule) / (1 + GROW_MARGIN) - 0.02  # chooses `rule`; 0.6 A more needs the next
+    left = jittered_cluster(8, spacing=1.6, seed=3, offset=1.0)
 
     def pair(gap: float) -> Atoms:
         right = left.copy()
