@@ -24,7 +24,7 @@ from efa_deploy.modelfile import METADATA_NAME, convert_model_file, load_model_f
 from efa_deploy.structures import rotated
 
 from conftest import jittered_cluster, randomised_model
-from lammps_helpers import run_lammps, static_run, write_data
+from lammps_helpers import FINITE_SETUP, run_lammps, static_run, write_data
 
 ELEMENTS = ["H", "C", "O"]
 R_MAX = 8.0
@@ -176,13 +176,7 @@ def test_fixed_grid_and_the_limits(model, tmp_path):
 
 
 NVE_DECK = """\
-units           metal
-boundary        s s s
-atom_style      atomic
-atom_modify     map array
-read_data       data.lmp
-pair_style      efa
-pair_coeff      * * {model} H C O
+group           left id <= {n_left}
 velocity        all set {vx} 0 0
 velocity        left set -{vx} 0 0
 timestep        0.0002
@@ -209,14 +203,14 @@ def test_nve_across_a_grid_change_conserves_energy(model, tmp_path):
         return left + right
 
     low, high = 0.0, 2 * start
-    for _ in range(60):
-        low, high = ((low + high) / 2, high) if system_extent(pair((low + high) / 2).positions) < start else \
-            (low, (low + high) / 2)
+    for _ in range(60):  # the gap at which the pair's extent is `start`
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if system_extent(pair(mid).positions) < start else (low, mid)
     atoms = pair(high)
     assert probe.select_grid(system_extent(atoms.positions)) == rule
     write_data(atoms, tmp_path / "data.lmp", ELEMENTS)
-    deck = NVE_DECK.format(model=path, vx=10.0, steps=300)
-    deck = deck.replace("velocity        left", f"group           left id <= {len(left)}\nvelocity        left")
+    deck = FINITE_SETUP.format(pair_args="", model=path, elements="H C O") + NVE_DECK.format(
+        n_left=len(left), vx=10.0, steps=300)
     out = run_lammps(deck, tmp_path)
     rows, changes = [], []
     for line in (tmp_path / "log.lammps").read_text().splitlines():

@@ -79,13 +79,6 @@ def test_lammps_equals_python_on_the_shipped_structure(shipped):
 
 
 ROTATION_DECK = """\
-units           metal
-boundary        s s s
-atom_style      atomic
-atom_modify     map array
-read_data       data.lmp
-pair_style      efa
-pair_coeff      * * {model} H O
 run             0
 print           "ENERGY $(pe:%.15g)"
 displace_atoms  all rotate {cx} {cy} {cz} 0.36 0.48 0.8 37.0 units box
@@ -102,7 +95,7 @@ def test_a_62_angstrom_droplet_is_rotation_invariant_by_default(shipped, tmp_pat
     and in LAMMPS on 2 ranks, with no option given. Measured: 3e-14 eV/atom (266 or 230 points
     chosen); the 50-point training grid spreads 1e-4 eV/atom over the same rotations."""
     from efa_deploy.structures import rotated, tile_cluster
-    from lammps_helpers import run_lammps, write_data
+    from lammps_helpers import FINITE_SETUP, run_lammps, write_data
 
     path = shipped[0]
     droplet = tile_cluster(read(EXPORT / "water16.xyz"), 64, 9.6, shape="cube")
@@ -116,7 +109,8 @@ def test_a_62_angstrom_droplet_is_rotation_invariant_by_default(shipped, tmp_pat
     assert abs(energies[1] - energies[0]) / len(droplet) <= 1e-9
     write_data(droplet, tmp_path / "data.lmp", ["H", "O"])
     centre = droplet.positions.mean(axis=0)
-    out = run_lammps(ROTATION_DECK.format(model=path, cx=centre[0], cy=centre[1], cz=centre[2]), tmp_path, nprocs=2)
+    deck = FINITE_SETUP.format(pair_args="", model=path, elements="H O")
+    out = run_lammps(deck + ROTATION_DECK.format(cx=centre[0], cy=centre[1], cz=centre[2]), tmp_path, nprocs=2)
     lammps = [float(e) for e in re.findall(r"^ENERGY (\S+)", out, re.M)]
     assert lammps[0] == pytest.approx(energies[0], rel=1e-10)
     assert abs(lammps[1] - lammps[0]) / len(droplet) <= 1e-9
