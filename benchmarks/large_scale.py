@@ -86,12 +86,12 @@ def run_case(n_atoms: int, ranks: int, grid: str, steps: int) -> dict:
     from ase.io import write
 
     atoms = droplet(n_atoms)
-    centre = atoms.positions.mean(axis=0) + 20.0
+    shifted = atoms.copy()
+    shifted.positions += 20.0 - atoms.positions.min(axis=0)  # inside the box LAMMPS reads
+    shifted.cell = np.diag(shifted.positions.max(axis=0) + 20.0)
+    centre = shifted.positions.mean(axis=0)
     with tempfile.TemporaryDirectory(prefix="efa-large-") as tmp:
         work = Path(tmp)
-        shifted = atoms.copy()
-        shifted.positions += 20.0
-        shifted.cell = np.diag(shifted.positions.max(axis=0) + 20.0)
         write(work / "data.lmp", shifted, format="lammps-data", specorder=["H", "O"], masses=True, units="metal")
         pair = f"grid {grid}" + (" extent off" if grid != "auto" else "")
         (work / "in.deck").write_text(DECK.format(pair=pair, model=MODEL, cx=centre[0], cy=centre[1], cz=centre[2],
