@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 import zipfile
 from pathlib import Path
@@ -14,6 +15,8 @@ from .graph import Graph, batch_graph, system_extent
 
 # Angstrom: the closest pair is named when it is this close and the results are not finite (as in the plugin)
 CLOSE_CONTACT = 0.5
+
+log = logging.getLogger("efa_deploy")
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -47,28 +50,63 @@ class EFACalculator(Calculator):
     """Energy, forces and per-atom energies of an EFA (or local) model.
 
     model: path to a file written by efa-export, or to an efa-train checkpoint.
-    extent_check: what to do when the system's extent exceeds the model's EFA range r_max
-    (beyond it the global term loses rotation invariance): "warn" (once), "error" or "off".
+    grid: "auto" (default): before every evaluation the model chooses the smallest Lebedev rule
+    it carries that keeps EFA exact for the structure's extent (with hysteresis; changes are
+    logged on the "efa_deploy" logger); or a number of points: that rule, fixed.
+    extent_check: what to do when the structure extends beyond the grid's exact range (beyond
+    the largest rule's with grid "auto"): "warn" (once), "error" or "off"; default: "error"
+    with grid "auto", "warn" with a fixed grid.
     Stress is available for periodic cells with local (non-EFA) models.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energies"]
 
-    def __init__(self, model: str | Path, device: str = "cpu", extent_check: str = "warn", **kwargs):
+    def __init__(self, model: str | Path, device: str = "cpu", extent_check: str | None = None,
+                 grid: str | int = "auto", **kwargs):
         super().__init__(**kwargs)
-        if extent_check not in ("warn", "error", "off"):
+        if extent_check not in (None, "warn", "error", "off"):
             raise ValueError(f"extent_check must be 'warn', 'error' or 'off', not {extent_check!r}")
         self.module, self.metadata = load_any(model, device)
         self.device = device
-        self.extent_check = extent_check
         self.atomic_numbers = [int(z) for z in self.metadata["atomic_numbers"]]
         self.cutoff = float(self.metadata["cutoff"])
         self.dtype = getattr(torch, self.metadata["dtype"])
-        efa = self.metadata["efa"]
-        self.r_max = float(efa["r_max"]) if efa.get("enabled") else None
+        self.efa = bool(self.metadata["efa"].get("enabled"))
+        self.grid = grid
+        if grid != "auto":
+            sizes = self.module.grid_sizes()
+            if not self.efa or isinstance(grid, bool) or not isinstance(grid, int) or grid not in sizes:
+                raise ValueError(f"grid must be 'auto' or one of the Lebedev rules the model carries "
+                                 f"({' '.join(map(str, sizes)) or 'none: it has no EFA'}), not {grid!r}")
+            self.module.set_grid_size(grid)
+        self.extent_check = extent_check or ("error" if grid == "auto" else "warn")
         self._warned_extent = False
         if self.metadata["periodic"]:
             self.implemented_properties = [*EFACalculator.implemented_properties, "stress"]
+
+    def _select_grid(self, positions) -> None:
+        """The grid for these positions (grid "auto"), and the extent check."""
+        if not self.efa:
+            return
+        extent = system_extent(positions)
+        before = self.module.grid_size()
+        size = self.module.select_grid(extent) if self.grid == "auto" else before
+        if size != before:
+            log.info("EFACalculator: grid %d -> %d points, extent %.1f A", before, size, extent)
+        reach = self.module.exact_extent(size)
+        if self.extent_check == "off" or extent <= reach:
+            return
+        what = (f"the exact range of the fixed {size}-point grid, {reach:.2f} A; use grid='auto'"
+                if self.grid != "auto" else
+                f"{reach:.2f} A, the largest extent the model's largest grid ({size} points) keeps exact; "
+                "use a model with a smaller omega_max (b_max / r_max)")
+        message = f"system extent {extent:.2f} A is beyond {what}"
+        if self.extent_check == "error":
+            raise ValueError(message + " (extent_check='warn' goes on)")
+        if not self._warned_extent:
+            warnings.warn(message + ": the global term is no longer exact or rotation invariant there",
+                          RuntimeWarning, stacklevel=4)
+            self._warned_extent = True
 
     def _check(self, atoms) -> None:
         if not np.all(np.isfinite(atoms.positions)):
@@ -80,16 +118,7 @@ class EFACalculator(Calculator):
                 "(atoms.pbc = False) for a finite system, or a local model (trained with use_efa: false) for "
                 "periodic systems"
             )
-        if self.r_max is not None and self.extent_check != "off":
-            extent = system_extent(atoms.positions)
-            if extent > self.r_max:
-                message = (f"system extent {extent:.2f} A exceeds the model's EFA range r_max = {self.r_max:.2f} A: "
-                           "the global term is no longer rotation invariant there; use a model with a larger r_max")
-                if self.extent_check == "error":
-                    raise ValueError(message)
-                if not self._warned_extent:
-                    warnings.warn(message, RuntimeWarning, stacklevel=3)
-                    self._warned_extent = True
+        self._select_grid(atoms.positions)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

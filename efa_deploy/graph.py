@@ -91,9 +91,12 @@ def batch_graph(structures: Sequence, atomic_numbers: Sequence[int], cutoff: flo
 
 
 def system_extent(positions: np.ndarray) -> float:
-    """Diagonal of the axis-aligned bounding box: an upper bound on every interatomic
-    distance, O(N), and the same measure the LAMMPS plugin reduces across ranks."""
+    """An upper bound on every interatomic distance, O(N), and the same measure the LAMMPS plugin
+    reduces across ranks: twice the largest distance of an atom from the centre of the
+    bounding box (the diameter of a sphere holding every atom; at most the box diagonal, and
+    sqrt(3) times less for a round droplet)."""
     positions = np.asarray(positions, dtype=np.float64)
     if len(positions) == 0:
         return 0.0
-    return float(np.linalg.norm(positions.max(axis=0) - positions.min(axis=0)))
+    centre = 0.5 * (positions.max(axis=0) + positions.min(axis=0))
+    return float(2.0 * np.sqrt(np.max(np.sum((positions - centre) ** 2, axis=1))))

@@ -158,8 +158,11 @@ class EFASimulation:
     elements: for a LAMMPS data file, the element of each atom type (default: from its Masses);
         for Atoms, ignored (types follow the model's element order).
     device: "cpu" or "cuda" (pair_style efa device ...).
+    grid: "auto" (default: pair_style efa chooses the Lebedev rule from the extent every step, so
+        EFA stays exact) or a number of points (that rule, fixed).
     extent: "warn", "error" or "off": what pair_style efa does when the structure grows beyond
-        the model's r_max.
+        the grid's exact range (the largest rule's with grid "auto"); default: error with grid
+        "auto", warn with a fixed grid.
     margin: Angstrom of empty space around a finite structure in its (shrink-wrapped) box.
     comm: mpi4py communicator (default MPI.COMM_WORLD).
     pbc: for a LAMMPS data file (which does not say), whether its box is periodic; default: as
@@ -168,8 +171,9 @@ class EFASimulation:
     """
 
     def __init__(self, structure, model: str | os.PathLike, elements: Sequence[str] | None = None,
-                 device: str = "cpu", extent: str = "warn", margin: float = 10.0, comm=None,
-                 pbc: bool | None = None, log: str | os.PathLike | None = None, screen: bool = False):
+                 device: str = "cpu", extent: str | None = None, margin: float = 10.0, comm=None,
+                 pbc: bool | None = None, log: str | os.PathLike | None = None, screen: bool = False,
+                 grid: str | int = "auto"):
         from mpi4py import MPI
 
         self.comm = comm if comm is not None else MPI.COMM_WORLD
@@ -177,8 +181,10 @@ class EFASimulation:
         self.model = Path(model)
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
-        if extent not in ("warn", "error", "off"):
+        if extent not in (None, "warn", "error", "off"):
             raise ValueError(f"extent must be 'warn', 'error' or 'off', not {extent!r}")
+        if grid != "auto" and (isinstance(grid, bool) or not isinstance(grid, int) or grid <= 0):
+            raise ValueError(f"grid must be 'auto' or a number of Lebedev points, not {grid!r}")
         self.metadata = model_metadata(self.model)
         self.model_elements: list[str] = list(self.metadata["elements"])
 
@@ -199,7 +205,7 @@ class EFASimulation:
         args = ["-log", str(log) if log else "none", "-nocite"] + ([] if screen else ["-screen", "none"])
         self.lmp = start_lammps(args, self.comm)
         boundary = " ".join("p" if p else "s" for p in self.periodic)
-        pair = f"efa device {device} extent {extent}"
+        pair = f"efa device {device} grid {grid}" + (f" extent {extent}" if extent else "")
         type_elements = " ".join(self.model_elements)
         self.lmp.commands_string(f"""
 units           metal

@@ -34,9 +34,9 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
     if config.use_efa:
         block = model.layers[0].global_update.efa
         efa.update(
-            grid_points=config.grid_points, grid_rules=[config.grid_points], b_max=float(config.b_max),
-            r_max=float(config.r_max), frequencies=[float(w) for w in block.omega.tolist()],
-            D=2 * int(block.omega.numel()), Dv=config.value_dim,
+            grid_points=config.grid_points, b_max=float(config.b_max), r_max=float(config.r_max),
+            frequencies=[float(w) for w in block.omega.tolist()],
+            D=2 * int(block.omega.numel()), Dv=config.value_dim, grid_rules=model.grid_sizes(),
         )
     return {
         "format": FORMAT,
@@ -96,6 +96,8 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     bad = _non_finite_fields(metadata)
     if bad:
         raise ValueError(f"metadata field '{bad[0]}' is NaN or inf: a model file holds finite numbers only")
+    if config.use_efa and model.grid_size() != config.grid_points:
+        model.set_grid_size(config.grid_points)  # a file starts on its training grid
     use_fused(model.eval(), fused)  # inference: the fused message operator (first derivatives only)
     try:
         scripted = torch.jit.script(model)
@@ -160,3 +162,52 @@ def load_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise _unreadable(Path(path), first) from None
     return module, metadata
+
+
+def read_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
+    """The module and the metadata of a model file of any format version, unchecked (conversion)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {path} does not exist")
+    extra = {METADATA_NAME: ""}
+    try:
+        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except Exception as err:  # torch raises RuntimeError subclasses with long C++ traces
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _unreadable(path, first) from None
+    if not extra[METADATA_NAME]:
+        raise ValueError(f"{path} has no {METADATA_NAME}: it was not written by efa-export")
+    try:
+        metadata = parse_metadata(extra[METADATA_NAME])
+    except ValueError as err:
+        raise ValueError(f"{path}: {METADATA_NAME} is not valid JSON ({err})") from None
+    return module, metadata
+
+
+def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, dict]:
+    """The eager model of a model file of any format version, built by this package's code from
+    the file's `config` and weights: how older files become current ones."""
+    module, metadata = read_model_file(path)
+    if metadata.get("format") != FORMAT or "config" not in metadata or "dtype" not in metadata:
+        raise ValueError(f"{path}: not an efa-deploy model file (no format/config/dtype in its metadata)")
+    config = ModelConfig.from_dict(metadata["config"])
+    model = EnergyModel(config).to(getattr(torch, metadata["dtype"]))
+    # the rules are the code's; the training grid and everything else is the file's
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("grid.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit the model its config describes ({err})") from None
+    if config.use_efa:
+        block = model.layers[0].global_update.efa
+        model.grid.adopt(config.grid_points, block.grid_points, block.grid_weights)
+    return model.eval(), config, metadata
+
+
+def convert_model_file(old: str | os.PathLike, new: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Write `old` (a model file of any format version) as a current one; returns its metadata."""
+    model, config, metadata = rebuild_model(old)
+    provenance = {k: v for k, v in metadata.get("provenance", {}).items() if k != "package_version"}
+    provenance["converted_from"] = {"file": Path(old).name, "format_version": metadata.get("format_version"),
+                                    "package_version": metadata.get("provenance", {}).get("package_version")}
+    return save_model_file(model, config, new, provenance, overwrite)

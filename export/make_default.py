@@ -110,8 +110,6 @@ def sample_md(atoms, temperature: float, frames: int, seed: int) -> list[tuple[n
 def make_data() -> None:
     from ase.io import write
 
-    from efa_deploy.graph import system_extent
-
     start = time.monotonic()
     DATA.parent.mkdir(parents=True, exist_ok=True)
     rows = []  # (numbers, positions, energy, forces, n_waters, temperature, seed)
@@ -132,7 +130,7 @@ def make_data() -> None:
                     rows.append((minimum.numbers, positions, energy, forces, n_waters, temperature, seed))
             print(f"  {n_waters} waters, seed {seed}: {len(rows)} structures so far "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
-    extents = np.array([system_extent(r[1]) for r in rows])
+    extents = np.array([np.linalg.norm(np.ptp(r[1], axis=0)) for r in rows])  # bounding-box diagonals
     keep = extents <= MAX_EXTENT
     print(f"dropping {int((~keep).sum())} structures with an extent above {MAX_EXTENT} A "
           f"(largest {extents.max():.2f} A)")

@@ -19,6 +19,7 @@
 #include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/cuda.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -93,8 +94,8 @@ int env_int(const char *name, int fallback)
 }  // namespace
 
 PairEFA::PairEFA(LAMMPS *lmp) :
-    Pair(lmp), device_(torch::kCPU), extent_policy_(ExtentPolicy::Warn),
-    extent_warned_(false), skip_backward_sum_(false), dtype_(torch::kFloat64), cutoff_(0.0),
+    Pair(lmp), device_(torch::kCPU), extent_policy_(ExtentPolicy::Default),
+    extent_warned_(false), grid_fixed_(0), grid_in_use_(0), skip_backward_sum_(false), dtype_(torch::kFloat64), cutoff_(0.0),
     r_max_(0.0), model_periodic_(false), energy_unit_(1.0), sync_rows_(nullptr), sync_width_(0)
 {
   single_enable = 0;
@@ -128,11 +129,13 @@ void PairEFA::allocate()
   type_to_species_.assign(n + 1, -1);
 }
 
-/* pair_style efa [device cpu|cuda] [extent warn|error|off] */
+/* pair_style efa [device cpu|cuda] [grid auto|N] [extent warn|error|off] */
 
 void PairEFA::settings(int narg, char **arg)
 {
   std::string device = "cpu";
+  extent_policy_ = ExtentPolicy::Default;
+  grid_fixed_ = 0;
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -147,8 +150,12 @@ void PairEFA::settings(int narg, char **arg)
       else if (value == "error") extent_policy_ = ExtentPolicy::Error;
       else if (value == "off") extent_policy_ = ExtentPolicy::Off;
       else error->all(FLERR, "pair_style efa: extent must be warn, error or off, not '{}'", value);
+    } else if (key == "grid") {
+      grid_fixed_ = value == "auto" ? 0 : utils::inumeric(FLERR, value, false, lmp);
+      if (grid_fixed_ < 0)
+        error->all(FLERR, "pair_style efa: grid must be 'auto' or a number of Lebedev points, not '{}'", value);
     } else {
-      error->all(FLERR, "pair_style efa: unknown keyword '{}' (known: device, extent)", key);
+      error->all(FLERR, "pair_style efa: unknown keyword '{}' (known: device, grid, extent)", key);
     }
     iarg += 2;
   }
@@ -264,11 +271,18 @@ void PairEFA::load_model(const std::string &path)
 
   model_->eval();
   for (auto p : model_->parameters()) p.requires_grad_(false);
+  grid_in_use_ = static_cast<int>(model_->run_method("grid_size").toInt());
   if (comm->me == 0)
     utils::logmesg(lmp, "pair_style efa: loaded {} (elements {}, cutoff {} A, {}{}, {})\n", path,
                    utils::join_words(model_elements_, " "), cutoff_,
                    r_max_ > 0 ? "EFA r_max " : "local only", r_max_ > 0 ? fmt::format("{} A", r_max_) : "",
                    meta["dtype"].get<std::string>());
+  if (r_max_ > 0 && comm->me == 0) {
+    const auto sizes = model_->run_method("grid_sizes").toIntVector();
+    const double reach = model_->run_method("exact_extent", sizes.back()).toDouble();
+    utils::logmesg(lmp, "pair_style efa: grid {}: {} Lebedev rules of {} to {} points carried, exact up to {:.1f} A\n",
+                   grid_fixed_ ? std::to_string(grid_fixed_) : "auto", sizes.size(), sizes.front(), sizes.back(), reach);
+  }
 }
 
 void PairEFA::check_units()
@@ -294,6 +308,16 @@ void PairEFA::init_style()
     force->pair->comm_forward = std::max(force->pair->comm_forward, comm_forward);
     force->pair->comm_reverse = std::max(force->pair->comm_reverse, comm_reverse);
   }
+  if (grid_fixed_ > 0 && r_max_ > 0) {
+    const auto sizes = model_->run_method("grid_sizes").toIntVector();
+    if (std::find(sizes.begin(), sizes.end(), grid_fixed_) == sizes.end()) {
+      std::vector<std::string> names;
+      for (auto n : sizes) names.push_back(std::to_string(n));
+      error->all(FLERR, "pair_style efa: grid {}: model {} carries no {}-point rule; it carries {} (or use grid auto)",
+                 grid_fixed_, model_path_, grid_fixed_, utils::join_words(names, " "));
+    }
+    grid_in_use_ = static_cast<int>(model_->run_method("set_grid_size", grid_fixed_).toInt());
+  }
   if ((domain->xperiodic || domain->yperiodic || domain->zperiodic) && !model_periodic_)
     error->all(FLERR,
                "pair_style efa: model {} has a global EFA term, which is not periodic; use "
@@ -304,7 +328,7 @@ void PairEFA::init_style()
 
 double PairEFA::init_one(int, int) { return cutoff_; }
 
-void PairEFA::check_coordinates_and_extent()
+double PairEFA::check_coordinates_and_extent()
 {
   // one reduction: bounding box minima, negated maxima, negated count of bad coordinates
   constexpr double inf = std::numeric_limits<double>::infinity();
@@ -328,21 +352,47 @@ void PairEFA::check_coordinates_and_extent()
                "pair_style efa: an atom has non-finite (NaN or inf) coordinates at step {}; the "
                "simulation blew up or the input structure is broken (try a smaller timestep)",
                update->ntimestep);
-  if (r_max_ <= 0.0 || extent_policy_ == ExtentPolicy::Off || !std::isfinite(box[0])) return;
-  const double dx = -box[3] - box[0], dy = -box[4] - box[1], dz = -box[5] - box[2];
-  const double extent = std::sqrt(dx * dx + dy * dy + dz * dz);
-  if (extent <= r_max_) return;
-  if (extent_policy_ == ExtentPolicy::Error)
-    error->all(FLERR,
-               "pair_style efa: the system extends {:.2f} A (bounding-box diagonal), more than the "
-               "model's r_max of {:.2f} A, at step {}; use a model with a larger r_max",
-               extent, r_max_, update->ntimestep);
+  if (r_max_ <= 0.0 || !std::isfinite(box[0])) return 0.0;
+  // the extent (graph.system_extent): twice the largest distance from the box centre, an upper
+  // bound on every interatomic distance
+  const double centre[3] = {0.5 * (box[0] - box[3]), 0.5 * (box[1] - box[4]), 0.5 * (box[2] - box[5])};
+  double radius2 = 0.0;
+  for (int i = 0; i < atom->nlocal; i++) {
+    if (type_to_species_[type[i]] < 0) continue;
+    const double dx = x[i][0] - centre[0], dy = x[i][1] - centre[1], dz = x[i][2] - centre[2];
+    radius2 = std::max(radius2, dx * dx + dy * dy + dz * dz);
+  }
+  MPI_Allreduce(MPI_IN_PLACE, &radius2, 1, MPI_DOUBLE, MPI_MAX, world);
+  return 2.0 * std::sqrt(radius2);
+}
+
+// Every rank holds the same extent and the same model state, so every rank installs the same
+// grid; this runs before the model is evaluated, so a step never mixes grids.
+void PairEFA::select_grid(double extent)
+{
+  if (r_max_ <= 0.0) return;
+  if (!grid_fixed_) {
+    const int n = static_cast<int>(model_->run_method("select_grid", extent).toInt());
+    if (n != grid_in_use_ && comm->me == 0)
+      utils::logmesg(lmp, "pair_style efa: grid {} -> {} points, extent {:.1f} A\n", grid_in_use_, n, extent);
+    grid_in_use_ = n;
+  }
+  const ExtentPolicy policy =
+      extent_policy_ != ExtentPolicy::Default ? extent_policy_ : grid_fixed_ ? ExtentPolicy::Warn : ExtentPolicy::Error;
+  const double reach = model_->run_method("exact_extent", grid_in_use_).toDouble();
+  if (policy == ExtentPolicy::Off || extent <= reach) return;
+  const std::string what = grid_fixed_
+      ? fmt::format("the exact range of the fixed {}-point grid, {:.2f} A", grid_in_use_, reach)
+      : fmt::format("{:.2f} A, the largest extent the model's largest grid ({} points) keeps exact", reach, grid_in_use_);
+  const std::string fix = grid_fixed_ ? "use 'grid auto'" : "use a model with a smaller omega_max (b_max / r_max)";
+  if (policy == ExtentPolicy::Error)
+    error->all(FLERR, "pair_style efa: the system extends {:.2f} A at step {}, beyond {}; {} ('extent warn' goes on)",
+               extent, update->ntimestep, what, fix);
   if (!extent_warned_ && comm->me == 0)
     error->warning(FLERR,
-                   "pair_style efa: the system extends {:.2f} A (bounding-box diagonal), more than the "
-                   "model's r_max of {:.2f} A: the global term loses accuracy and rotation invariance; "
-                   "use a model with a larger r_max ('extent error' makes this an error)",
-                   extent, r_max_);
+                   "pair_style efa: the system extends {:.2f} A, beyond {}: the global term loses accuracy and "
+                   "rotation invariance; {} ('extent error' makes this an error)",
+                   extent, what, fix);
   extent_warned_ = true;
 }
 
@@ -352,7 +402,7 @@ void PairEFA::compute(int eflag, int vflag)
   if (vflag_atom)
     error->all(FLERR, "pair_style efa does not compute per-atom virials (compute stress/atom); the global "
                       "virial and pressure are available");
-  check_coordinates_and_extent();
+  select_grid(check_coordinates_and_extent());
 
   const int nlocal = atom->nlocal;
   const int ntotal = nlocal + atom->nghost;

@@ -42,11 +42,13 @@ class PairEFA : public Pair {
   void exchange_ghost_rows(torch::Tensor &rows, bool reverse);
 
  private:
-  enum class ExtentPolicy { Warn, Error, Off };
+  enum class ExtentPolicy { Default, Warn, Error, Off };  // Default: Error with grid auto, else Warn
 
   torch::Device device_;
   ExtentPolicy extent_policy_;
   bool extent_warned_;
+  int grid_fixed_;   // 0: grid auto (the model chooses its Lebedev rule from the extent)
+  int grid_in_use_;  // points of the rule the model uses now
   bool skip_backward_sum_;  // testing only: the wrong forces the reverse reduction prevents
   int fail_on_rank_;        // testing only: this rank's model evaluation fails
 
@@ -66,7 +68,8 @@ class PairEFA : public Pair {
   void allocate();
   void load_model(const std::string &path);
   void check_units();
-  void check_coordinates_and_extent();
+  double check_coordinates_and_extent();
+  void select_grid(double extent);
   [[noreturn]] void evaluation_failed(const std::string &reason);
   void check_finite_results(const double *energies, const double *forces, double closest_r2, int closest_i,
                             int closest_j);

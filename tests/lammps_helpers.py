@@ -38,6 +38,17 @@ def run_lammps(deck: str, workdir: Path, nprocs: int = 1, timeout: float = 600, 
     return proc.stdout
 
 
+# a finite structure from data.lmp with pair_style efa: the start of a deck
+FINITE_SETUP = """\
+units           metal
+boundary        s s s
+atom_style      atomic
+atom_modify     map array
+read_data       data.lmp
+pair_style      efa {pair_args}
+pair_coeff      * * {model} {elements}
+"""
+
 STATIC_DECK = """\
 units           metal
 boundary        {boundary}

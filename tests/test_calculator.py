@@ -94,21 +94,25 @@ def test_local_model_stress_matches_finite_differences(models):
     np.testing.assert_allclose(stress, numeric, rtol=0, atol=1e-8)
 
 
-def test_extent_beyond_r_max(models):
-    atoms = Atoms("COC", positions=[[0, 0, 0], [4.0, 0, 0], [7.0, 3.0, 1.0]])  # extent 7.7 < r_max 8
-    atoms.calc = efa_deploy.EFACalculator(models / "efa.pt")
+def test_extent_beyond_a_fixed_grid(models):
+    """A fixed grid warns (once) or stops beyond its exact range; grid auto (tests/test_grid.py) grows."""
+    atoms = Atoms("COC", positions=[[0, 0, 0], [2.0, 0, 0], [4.0, 0, 0]])  # extent 4.0
+    atoms.calc = efa_deploy.EFACalculator(models / "efa.pt", grid=50)
+    reach = atoms.calc.module.exact_extent(50)  # r_max 8 A: about 4.66 A
+    assert 4.0 < reach < 5.0
     atoms.get_potential_energy()
-    atoms.positions[2] = [9.0, 0, 0]
-    with pytest.warns(RuntimeWarning, match="extent 9.00 A exceeds the model's EFA range r_max = 8.00 A"):
+    atoms.positions[2] = [6.0, 0, 0]
+    with pytest.warns(RuntimeWarning, match=f"extent 6.00 A is beyond the exact range of the fixed 50-point grid, "
+                                            f"{reach:.2f} A"):
         atoms.get_potential_energy()
-    atoms.positions[2] = [9.5, 0, 0]
+    atoms.positions[2] = [6.5, 0, 0]
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         atoms.get_potential_energy()  # warned once only
-    atoms.calc = efa_deploy.EFACalculator(models / "efa.pt", extent_check="error")
-    with pytest.raises(ValueError, match="exceeds the model's EFA range"):
+    atoms.calc = efa_deploy.EFACalculator(models / "efa.pt", grid=50, extent_check="error")
+    with pytest.raises(ValueError, match="beyond the exact range of the fixed 50-point grid"):
         atoms.get_potential_energy()
 
 

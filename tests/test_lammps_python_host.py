@@ -176,18 +176,19 @@ def test_nan_coordinates(model_path, data_file):
         lmp.command("run 1 pre no post no")  # skip the set-up, where LAMMPS itself would notice
 
 
-def test_extent_beyond_r_max_warns_once_or_errors(data_file, tmp_path):
+def test_extent_beyond_a_fixed_grid_warns_once_or_errors(data_file, tmp_path):
     config = ModelConfig(atomic_numbers=[1, 6, 8], features=8, num_layers=1, cutoff=4.0, r_max=6.0)
     small = tmp_path / "small.pt"
     save_model_file(randomised_model(config), config, small)
     log = tmp_path / "log.lammps"
-    lmp = new_lammps(data_file[0], small, log=log)
+    lmp = new_lammps(data_file[0], small, pair="efa grid 50", log=log)
     energy(lmp)
     energy(lmp)
     lmp.close()
-    warnings = [line for line in log.read_text().splitlines() if "more than the model's r_max of 6.00 A" in line]
+    message = "beyond the exact range of the fixed 50-point grid, 3.49 A"
+    warnings = [line for line in log.read_text().splitlines() if message in line]
     assert len(warnings) == 1 and "WARNING" in warnings[0]
-    expect_error("more than the model's r_max of 6.00 A", data_file[0], small, pair="efa extent error")
+    expect_error(message, data_file[0], small, pair="efa grid 50 extent error")
 
 
 def test_cuda_without_a_gpu(model_path, data_file):

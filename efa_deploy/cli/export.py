@@ -2,6 +2,7 @@
 (pair_style efa) and efa_deploy.EFACalculator load.
 
     efa-export runs/x/best.ckpt -o model.pt [--check] [--force]
+    efa-export --from-model old.pt -o new.pt      (a model file of an older format, rewritten)
 
 --check reloads the written file and compares its energies and forces with the eager model
 on held-out structures (the checkpoint's test split, else its validation split, or --check-data).
@@ -21,7 +22,7 @@ from ..checkpoint import load_checkpoint, model_from_checkpoint
 from ..data import load_structures
 from ..graph import batch_graph
 from ..model import energy_and_forces
-from ..modelfile import load_model_file, save_model_file
+from ..modelfile import convert_model_file, load_model_file, save_model_file
 
 # largest |difference| accepted between the TorchScript file and the eager model
 CHECK_TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
@@ -110,7 +111,9 @@ def check_model_file(model_file: str | Path, checkpoint: str | Path, weights: st
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="efa-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by efa-train (best.ckpt or last.ckpt)")
+    p.add_argument("checkpoint", nargs="?", help="checkpoint written by efa-train (best.ckpt or last.ckpt)")
+    p.add_argument("--from-model", metavar="OLD.pt",
+                   help="instead of a checkpoint: a model file of any format version, rewritten as a current one")
     p.add_argument("-o", "--output", required=True, help="model file to write (TorchScript)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA weights (default) or the raw ones")
@@ -119,7 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-count", type=int, default=32, help="number of structures for --check")
     args = p.parse_args(argv)
     weights = "model" if args.weights == "raw" else "ema"
+    if (args.checkpoint is None) == (args.from_model is None):
+        p.error("give a checkpoint or --from-model OLD.pt (one of them)")
     try:
+        if args.from_model:
+            metadata = convert_model_file(args.from_model, args.output, args.force)
+            print(f"wrote {args.output} (format version {metadata['format_version']}) from {args.from_model}")
+            return 0
         metadata = export_checkpoint(args.checkpoint, args.output, weights, args.force)
         print(f"wrote {args.output}: elements {' '.join(metadata['elements'])}, cutoff {metadata['cutoff']} A, "
               f"EFA {'on' if metadata['efa']['enabled'] else 'off'}, {metadata['dtype']}")

@@ -67,7 +67,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=4928459, help="seed of the velocities and the Langevin noise")
     p.add_argument("--elements", nargs="+", metavar="EL", help="element of each atom type (LAMMPS data files)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--extent", default="warn", help="structure larger than the model's r_max: warn, error or off")
+    p.add_argument("--grid", default="auto",
+                   help="Lebedev grid: auto (default: follows the structure's extent, EFA stays exact) or a number of points")
+    p.add_argument("--extent", default=None,
+                   help="structure beyond the grid's exact range: warn, error or off (default: error with --grid auto, "
+                        "else warn)")
     p.add_argument("--plot", help="energy/temperature plot (default: OUTPUT-stem.png)")
     p.add_argument("--log", help="LAMMPS log file (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no live progress")
@@ -75,7 +79,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 CHOICES = {"ensemble": ("nve", "nvt", "npt"), "thermostat": ("langevin", "nose-hoover"),
-           "device": ("cpu", "cuda"), "extent": ("warn", "error", "off")}
+           "device": ("cpu", "cuda"), "extent": (None, "warn", "error", "off")}
 
 
 def check_arguments(args) -> tuple[dict, object]:
@@ -86,7 +90,11 @@ def check_arguments(args) -> tuple[dict, object]:
     for name, allowed in CHOICES.items():
         value = getattr(args, name)
         if value not in allowed:
-            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(a for a in allowed if a)}")
+    if args.grid != "auto":
+        if not args.grid.isdigit():
+            raise ValueError(f"--grid must be auto or a number of Lebedev points, not {args.grid!r}")
+        args.grid = int(args.grid)
     if args.steps < 0:
         raise ValueError(f"--steps must be >= 0, not {args.steps}")
     require_positive("--timestep", args.timestep, "fs")
@@ -110,6 +118,10 @@ def check_arguments(args) -> tuple[dict, object]:
     if not structure.is_file():
         raise FileNotFoundError(f"structure file {structure} does not exist")
     metadata = model_metadata(model)
+    rules = metadata["efa"].get("grid_rules", [])
+    if args.grid != "auto" and args.grid not in rules:
+        raise ValueError(f"--grid {args.grid}: the model carries no such Lebedev rule; it carries "
+                         f"{' '.join(map(str, rules)) or 'none (no EFA)'} (or use --grid auto)")
     atoms = load_structure(structure, metadata, args.elements)
     check_structure(atoms, metadata, str(structure))
     if args.ensemble == "npt" and not (metadata["periodic"] and np.all(atoms.pbc)):
@@ -238,7 +250,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     sim = EFASimulation(structure, args.model, elements=args.elements, device=args.device, extent=args.extent,
-                        comm=comm, log=args.log)
+                        comm=comm, log=args.log, grid=args.grid)
     meta = sim.metadata
     efa = meta["efa"]
     say(f"{PROG}: {sim.n_atoms} atoms from {structure}, model {args.model} "

@@ -1,11 +1,15 @@
 """The EFA energy model: species embedding, layers of local message passing plus EFA,
 per-atom energy readout with per-element shifts; forces by autograd."""
 
+import math
+from typing import List
+
 import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig
 from .efa import EuclideanFastAttention
+from .grid import LebedevRules, carried_rules
 from .local import Message, RadialBasis, Update, mlp
 
 
@@ -36,6 +40,10 @@ class GlobalUpdate(nn.Module):
     ) -> Tensor:
         return self.mlp(x + self.dense(self.efa(x, vec, positions, batch, n_structures, owned)))
 
+    def use_grid(self, points: Tensor, weights: Tensor) -> None:
+        self.efa.grid_points = points
+        self.efa.grid_weights = weights
+
 
 class NoGlobalUpdate(nn.Module):
     """The local baseline: same signature, no global term."""
@@ -44,6 +52,9 @@ class NoGlobalUpdate(nn.Module):
         self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
     ) -> Tensor:
         return torch.zeros_like(x)
+
+    def use_grid(self, points: Tensor, weights: Tensor) -> None:
+        pass
 
 
 class InteractionLayer(nn.Module):
@@ -80,6 +91,43 @@ class EnergyModel(nn.Module):
         self.layers = nn.ModuleList([InteractionLayer(config) for _ in range(config.num_layers)])
         self.readout = mlp(config.features, config.features, 1)
         self.register_buffer("energy_shift", torch.zeros(len(config.atomic_numbers), dtype=torch.float64))
+        blocks = [layer.global_update.efa for layer in self.layers if config.use_efa]
+        omega_max = max((float(b.omega.max()) for b in blocks), default=0.0)
+        self.grid = LebedevRules(carried_rules(config.grid_points) if blocks else [], omega_max, config.grid_points)
+
+    # ---- the Lebedev grid (grid.py): chosen at run time, the same in Python and in LAMMPS ----
+
+    @torch.jit.export
+    def select_grid(self, extent: float) -> int:
+        """Install the grid for a system of this extent (A; at most an atom pair's largest
+        distance): the smallest carried rule exact there, changed with hysteresis. Returns its
+        number of points (0 without EFA)."""
+        n = self.grid.choose(extent)
+        if n != self.grid.size:
+            self.set_grid_size(n)
+        return n
+
+    @torch.jit.export
+    def set_grid_size(self, n: int) -> int:
+        """Install the carried n-point rule in every EFA block."""
+        points, weights = self.grid.rule(n)
+        for layer in self.layers:
+            layer.global_update.use_grid(points, weights)
+        self.grid.size = n
+        return n
+
+    @torch.jit.export
+    def grid_size(self) -> int:
+        return self.grid.size
+
+    @torch.jit.export
+    def grid_sizes(self) -> List[int]:
+        return self.grid.sizes
+
+    @torch.jit.export
+    def exact_extent(self, n: int) -> float:
+        """The largest extent (A) the carried n-point rule keeps exact (inf without EFA)."""
+        return self.grid.exact_extent(n) if len(self.grid.sizes) > 0 else math.inf
 
     def forward(
         self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,

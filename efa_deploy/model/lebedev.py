@@ -1,5 +1,6 @@
 """Lebedev quadrature on the unit sphere, indexed by number of points."""
 
+import functools
 import math
 
 import numpy as np
@@ -13,7 +14,9 @@ _ORDER_BY_POINTS = {
     4334: 113, 4802: 119, 5294: 125, 5810: 131,
 }
 
-# Largest omega * r for which the grid integrates the sinc kernel to about 1.5e-5 (DESIGN.md).
+# Largest omega * r for which the grid integrates the sinc kernel to about 1.5e-5 (DESIGN.md): the
+# design value that sets a new model's frequencies (ModelConfig.b_max). At run time the grid is
+# chosen from the stricter exact ranges of grid.EXACT_B_MAX (1e-9).
 SAFE_B_MAX = {
     50: math.pi, 86: 2 * math.pi, 110: 2.5 * math.pi, 146: 3 * math.pi, 194: 4 * math.pi,
     230: 4.5 * math.pi, 266: 5 * math.pi, 302: 5.5 * math.pi, 350: 6.5 * math.pi,
@@ -28,6 +31,12 @@ def lebedev_grid(num_points: int) -> tuple[np.ndarray, np.ndarray]:
     if order is None:
         sizes = ", ".join(str(n) for n in sorted(_ORDER_BY_POINTS))
         raise ValueError(f"no Lebedev grid has {num_points} points; choose one of: {sizes}")
+    points, weights = _rule(order)
+    return points.copy(), weights.copy()
+
+
+@functools.lru_cache(maxsize=None)
+def _rule(order: int) -> tuple[np.ndarray, np.ndarray]:
     points, weights = lebedev_rule(order)
     return np.ascontiguousarray(points.T), weights / weights.sum()
 
