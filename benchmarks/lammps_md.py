@@ -37,7 +37,7 @@ units metal
 boundary f f f
 atom_style atomic
 read_data data.lmp
-pair_style efa device {device} extent off
+pair_style efa device {device} grid 50 extent off
 pair_coeff * * {model} H O
 velocity all create 300 4928459 mom yes rot yes
 timestep 0.0005

@@ -25,6 +25,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <thread>
+#include <chrono>
 
 using namespace LAMMPS_NS;
 
@@ -506,6 +508,8 @@ void PairEFA::evaluation_failed(const std::string &reason)
     std::fputs(line.c_str(), logfile);
     std::fflush(logfile);
   }
+  // mpiexec forwards a rank's stderr asynchronously: give it time before the abort tears it down
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
   MPI_Abort(world, 1);
   std::exit(1);  // MPI_Abort does not return
 }

@@ -86,7 +86,7 @@ def test_lmp_evaluation_failure_on_one_rank_ends_the_job(files, tmp_path):
 
 def test_lmp_unsafe_keyword_is_gone(files, tmp_path):
     proc = lmp_deck(files, tmp_path, 1, pair="efa unsafe_skip_backward_sum yes")
-    assert proc.returncode != 0 and "unknown keyword 'unsafe_skip_backward_sum' (known: device, extent)" in proc.stdout
+    assert proc.returncode != 0 and "unknown keyword 'unsafe_skip_backward_sum' (known: device, grid, extent)" in proc.stdout
 
 
 @pytest.mark.mpi
@@ -324,7 +324,7 @@ def test_efa_export_bad_inputs_give_one_line(checkpoint, tmp_path, capsys, edit,
 
 def test_export_check_fails_on_nan(checkpoint, tmp_path):
     from efa_deploy.modelfile import load_model_file
-    from efa_deploy.train import load_checkpoint, model_from_checkpoint
+    from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
 
     assert export_cli.main([str(checkpoint), "-o", str(tmp_path / "m.pt")]) == 0
     scripted, _ = load_model_file(tmp_path / "m.pt")

@@ -20,7 +20,7 @@ ELEMENTS = ["H", "C", "O"]
 @pytest.fixture(scope="module", params=[torch.float64, torch.float32], ids=["float64", "float32"])
 def model_and_tolerance(request, tmp_path_factory):
     config = ModelConfig(atomic_numbers=[1, 6, 8], features=16, num_layers=3, cutoff=4.0, r_max=20.0,
-                         num_vector_frequencies=2)
+                         num_vector_frequencies=2, value_vectors=2, value_tensors=2)
     path = tmp_path_factory.mktemp("gpu") / "efa.pt"
     save_model_file(randomised_model(config, dtype=request.param), config, path)
     return path, (1e-10 if request.param == torch.float64 else 2e-4)

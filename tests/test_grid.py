@@ -241,7 +241,7 @@ def test_converting_a_version_1_file_keeps_its_energies(model, tmp_path):
     metadata["format_version"] = 1
     del metadata["efa"]["grid_rules"]
     torch.jit.save(torch.jit.load(str(path)), str(old), _extra_files={METADATA_NAME: json.dumps(metadata)})
-    with pytest.raises(ValueError, match=r"format_version' is 1.*efa-export --from-model OLD.pt -o NEW.pt"):
+    with pytest.raises(ValueError, match=r"format_version' must be >= 2, got 1.*efa-export --from-model OLD.pt -o NEW.pt"):
         load_model_file(old)
     from efa_deploy.cli.export import main
 

@@ -45,7 +45,7 @@ MUTATIONS = [
     ("format_version", DELETE, "is missing"),
     ("format_version", "2", "should be an integer, got string"),
     ("format_version", 99, "must be <= 2, got 99"),
-    ("format_version", 0, "must be >= 1, got 0"),
+    ("format_version", 1, "must be >= 2, got 1; a newer file needs a newer efa-deploy; convert an older one with 'efa-export --from-model OLD.pt -o NEW.pt'"),
     ("elements", DELETE, "is missing"),
     ("elements", [1, 6, 8], "should be a string, got integer"),
     ("elements", [], "must hold at least 1 item(s), got 0"),
@@ -223,10 +223,13 @@ def test_both_sides_refuse_nan_a_non_object_and_a_corrupted_network(files, plugi
     assert expected in plugin_messages[path]
 
 
-def test_version_1_files_still_load_on_both_sides(files, plugin_messages):
-    assert read_metadata(files["v1"])["format_version"] == 1 < FORMAT_VERSION
-    assert plugin_messages[files["v1"]] is None and plugin_messages[files["good"]] is None
-    assert np.isfinite(plugin_messages["energy"])
+def test_version_1_files_are_refused_on_both_sides_with_the_conversion(files, plugin_messages):
+    """A version 1 file carries no Lebedev rules (no run-time grid): both sides name the fix."""
+    fix = "convert an older one with 'efa-export --from-model OLD.pt -o NEW.pt'"
+    with pytest.raises(MetadataError, match=re.escape(fix)):
+        read_metadata(files["v1"])
+    assert fix in plugin_messages[files["v1"]]
+    assert plugin_messages[files["good"]] is None and np.isfinite(plugin_messages["energy"])
 
 
 def test_writer_refuses_nan_in_weights_and_metadata(tmp_path):

@@ -86,3 +86,27 @@ def test_compiled_library_is_in_use_when_built():
     if not OPS_LIBRARY.exists():
         pytest.skip("libefa_ops.so is not built")
     assert efa_deploy.ops.load_ops() == "compiled"
+
+
+def test_torch_export_keeps_the_collectives_and_the_numbers():
+    """torch.export (the path to AOTInductor) traces the model with the collectives as graph nodes,
+    and the exported program gives the eager model's energies and forces."""
+    from ase.io import read
+
+    from efa_deploy.graph import batch_graph
+    from efa_deploy.model import ModelConfig, energy_and_forces
+
+    from conftest import randomised_model
+
+    config = ModelConfig(atomic_numbers=[1, 8], features=8, num_layers=2, num_frequencies=2, value_dim=4,
+                         value_vectors=2, value_tensors=2, r_max=20.0)
+    model = randomised_model(config).eval()
+    graph = batch_graph([read(REPO / "export" / "water16.xyz")], config.atomic_numbers, config.cutoff)
+    program = torch.export.export(model, graph.inputs())
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"efa.global_sum.default", "efa.forward_ghosts.default"} <= targets
+    energy, forces, _ = energy_and_forces(model, *graph.inputs())
+    exported_energy, exported_forces, _ = energy_and_forces(program.module(), *graph.inputs())
+    assert abs(float(energy[0])) > 1.0
+    assert float(exported_energy[0]) == pytest.approx(float(energy[0]), rel=1e-12)
+    torch.testing.assert_close(exported_forces, forces, rtol=0, atol=1e-12)

@@ -90,7 +90,7 @@ print           "ENERGY $(pe:%.15g)"
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_a_62_angstrom_droplet_is_rotation_invariant_by_default(shipped, tmp_path):
+def test_a_62_angstrom_droplet_is_rotation_invariant_by_default(tmp_path):
     """Issue 10's acceptance: 64 copies of water16.xyz (3,072 atoms, bounding-box diagonal 62.8 A,
     three times r_max): rigid rotations change the energy by <= 1e-9 eV/atom, in the calculator
     and in LAMMPS on 2 ranks, with no option given. Measured: 3e-14 eV/atom (266 or 230 points
@@ -98,7 +98,7 @@ def test_a_62_angstrom_droplet_is_rotation_invariant_by_default(shipped, tmp_pat
     from efa_deploy.structures import rotated, tile_cluster
     from lammps_helpers import FINITE_SETUP, run_lammps, write_data
 
-    path = shipped[0]
+    path = EXPORT / "water_efa.pt"
     droplet = tile_cluster(read(EXPORT / "water16.xyz"), 64, 9.6, shape="cube")
     droplet.positions += 5.0 - droplet.positions.min(axis=0)  # inside the LAMMPS box write_data makes
     assert len(droplet) == 3072 and 62.0 < np.linalg.norm(np.ptp(droplet.positions, axis=0)) < 63.0
