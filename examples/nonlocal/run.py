@@ -1,8 +1,9 @@
-"""Cumulene benchmark: EFA with tensor values vs the local model (and EFA with scalar values only),
-same backbone, equal wall-time budget per model, trained one after another on one core.
+"""Cumulene benchmark: EFA with tensor values vs the local model (and EFA with scalar values only,
+and EFA with l = 1 keys times vector values), same backbone, equal wall-time budget per model,
+trained one after another on one core.
 
     python examples/nonlocal/make_cumulenes.py            # the data (tblite), about 2 minutes
-    taskset -c 1 python examples/nonlocal/run.py          # 3 variants x 2 seeds x 8 minutes
+    taskset -c 1 python examples/nonlocal/run.py          # 4 variants x 2 seeds x 8 minutes
     python examples/nonlocal/run.py --evaluate-only       # re-evaluate finished runs
     python examples/nonlocal/run.py --export              # runs/cumulene_efa_s0 -> export/cumulene_efa.pt
 
@@ -31,6 +32,9 @@ VARIANTS = {  # name -> efa-train flags on top of cumulene.yaml
     "local": ["--no-efa"],
     "efa": ["--efa"],  # tensor values (value_tensors: 4)
     "efa_scalar_values": ["--efa", "--set", "model.value_tensors=0"],  # values as before issue 11
+    # the other l = 2 route: l = 1 keys times vector values
+    "efa_l1_keys_vector_values": ["--efa", "--set", "model.value_tensors=0", "--set", "model.num_vector_frequencies=2",
+                                  "--set", "model.value_vectors=4"],
 }
 
 
