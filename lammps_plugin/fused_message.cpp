@@ -295,6 +295,17 @@ c10::TypedOperatorHandle<Signature> typed_op(const char *name)
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// Graph nodes are held by c10::intrusive_ptr in newer torch, by std::shared_ptr in older.
+template <typename NodeHandle>
+NodeHandle error_node(const variable_list &used)
+{
+  using ErrorNode = std::conditional_t<true, torch::autograd::Error, NodeHandle>;  // dependent: one branch compiles
+  if constexpr (std::is_same_v<NodeHandle, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<ErrorNode>(kNoDoubleBackward, torch::autograd::collect_next_edges(used));
+  else
+    return c10::make_intrusive<ErrorNode>(kNoDoubleBackward, torch::autograd::collect_next_edges(used));
+}
+
 // A second derivative would need the backward's own derivative, which this operator does not
 // have: when the backward runs with create_graph and anything it used requires grad, its
 // outputs get an Error node, so differentiating them again raises instead of silently treating
@@ -302,7 +313,7 @@ c10::TypedOperatorHandle<Signature> typed_op(const char *name)
 void forbid_double_backward(variable_list &outputs, const variable_list &used)
 {
   if (!at::GradMode::is_enabled() || !torch::autograd::any_variable_requires_grad(used)) return;
-  auto error = c10::make_intrusive<torch::autograd::Error>(kNoDoubleBackward, torch::autograd::collect_next_edges(used));
+  auto error = error_node<std::decay_t<decltype(std::declval<const Tensor &>().grad_fn())>>(used);
   for (Tensor &out : outputs) {
     if (out.defined()) torch::autograd::set_history(out, error);
   }
