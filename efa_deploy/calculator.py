@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from .checks import check_structure
 from .graph import Graph, batch_graph, system_extent
 
 # Angstrom: the closest pair is named when it is this close and the results are not finite (as in the plugin)
@@ -109,15 +110,7 @@ class EFACalculator(Calculator):
             self._warned_extent = True
 
     def _check(self, atoms) -> None:
-        if not np.all(np.isfinite(atoms.positions)):
-            raise ValueError("atoms have NaN or infinite positions; the model cannot evaluate them")
-        if np.any(atoms.pbc) and not self.metadata["periodic"]:
-            raise ValueError(
-                f"atoms have a periodic cell (pbc={atoms.pbc.tolist()}) but this model's global EFA term is not "
-                "periodic: it sums over the atoms given, not over periodic images. Use a non-periodic cell "
-                "(atoms.pbc = False) for a finite system, or a local model (trained with use_efa: false) for "
-                "periodic systems"
-            )
+        check_structure(atoms, self.metadata, "atoms")
         self._select_grid(atoms.positions)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):

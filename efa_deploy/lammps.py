@@ -34,6 +34,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .checks import check_structure
+
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "nose-hoover")
 # thermo columns recorded by run(); press and vol are only meaningful for periodic boxes
@@ -124,29 +126,6 @@ def load_structure(structure, metadata: dict, elements: Sequence[str] | None = N
     elif elements is not None:
         raise ValueError("elements are for LAMMPS data files; other formats name their elements")
     return atoms
-
-
-def check_structure(atoms, metadata: dict, source: str = "structure") -> None:
-    """Clear errors for what pair_style efa would refuse: unknown elements, a periodic cell with
-    a non-periodic (EFA) model, and for a structure larger than the model's r_max (a warning)."""
-    from ase.data import chemical_symbols
-
-    if len(atoms) == 0:
-        raise ValueError(f"{source} has no atoms")
-    known = set(metadata["atomic_numbers"])
-    unknown = sorted({int(z) for z in atoms.numbers} - known)
-    if unknown:
-        raise ValueError(
-            f"{source} holds element(s) {' '.join(chemical_symbols[z] for z in unknown)} that the model does not "
-            f"know (it knows {' '.join(metadata['elements'])})"
-        )
-    if np.any(atoms.pbc) and not metadata["periodic"]:
-        raise ValueError(
-            f"{source} is periodic (pbc={np.asarray(atoms.pbc).tolist()}) but this model's global EFA term is not: "
-            "use a finite structure (pbc=False), or a local model (trained with use_efa: false) for periodic systems"
-        )
-    if not np.all(np.isfinite(atoms.positions)):
-        raise ValueError(f"{source} has NaN or infinite positions")
 
 
 class EFASimulation:

@@ -88,7 +88,7 @@ BAD = [
     (["cluster.extxyz", "-m", "model.pt", "--timestep", "0"], "--timestep must be > 0 fs, not 0.0"),
     (["cluster.extxyz", "-m", "model.pt", "--steps", "ten"], "argument -n/--steps: invalid int value: 'ten'"),
     (["cluster.extxyz", "-m", "model.pt", "--temperature", "-10"], "--temperature must be > 0 K for nvt, not -10.0"),
-    (["nitrogen.xyz", "-m", "model.pt"], "holds element(s) N that the model does not know (it knows H C O)"),
+    (["nitrogen.xyz", "-m", "model.pt"], "element(s) N not known to this model (it knows H, C, O)"),
     (["periodic.extxyz", "-m", "model.pt"], "is periodic (pbc=[True, True, True]) but this model's global EFA term is not"),
     (["cluster.extxyz", "-m", "model.pt", "-e", "npt"], "npt needs a periodic model"),
     (["cluster.data", "-m", "model.pt", "--elements", "H", "C"], "has 3 atom types but 2 elements were given"),

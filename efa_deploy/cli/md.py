@@ -85,7 +85,8 @@ CHOICES = {"ensemble": ("nve", "nvt", "npt"), "thermostat": ("langevin", "nose-h
 def check_arguments(args) -> tuple[dict, object]:
     """Every check that needs no LAMMPS; returns the model metadata and the structure.
     Raises ValueError / FileNotFoundError with one line each."""
-    from ..lammps import check_structure, load_structure, model_metadata, require_positive, require_seed
+    from ..checks import check_structure
+    from ..lammps import load_structure, model_metadata, require_positive, require_seed
 
     for name, allowed in CHOICES.items():
         value = getattr(args, name)
