@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-$(LIBS) &: $(STAMP) $(wildcard lammps_plugin/*.cpp lammps_plugin/*.h lammps_plugin/*.in lammps_plugin/CMakeLists.txt lammps_plugin/build.py) efa_deploy/model_schema.json
+$(LIBS) &: $(STAMP) $(wildcard ops/*.cpp ops/*.h ops/CMakeLists.txt lammps_plugin/*.cpp lammps_plugin/*.h lammps_plugin/*.in lammps_plugin/CMakeLists.txt lammps_plugin/build.py) efa_deploy/model_schema.json
 	$(PY) lammps_plugin/build.py
 
 build: $(LIBS)

@@ -1,12 +1,12 @@
 """The collective operators (torch.ops.efa.*) that every EFA model calls.
 
 Outside LAMMPS each is the identity (a copy); inside, the pair style turns them into MPI and
-ghost communication (see lammps_plugin/efa_ops.h). The compiled library libefa_ops.so is
+ghost communication (see ops/efa_ops.h). The compiled library libefa_ops.so is
 loaded when it is built; without it (only torch installed, no compiler run) the same operators
 are registered here in pure torch, with the same schemas and adjoints, so that models import,
 train, script and export anywhere. Both carry shape-only (fake) kernels for torch.export.
 
-efa::message is the fused local message step (lammps_plugin/fused_message.cpp); its pure-torch
+efa::message is the fused local message step (ops/fused_message.cpp); its pure-torch
 registration is the reference, efa_deploy.model.local.message_passing.
 """
 

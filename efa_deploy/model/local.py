@@ -37,7 +37,7 @@ def message_passing(
     sender: Tensor, receiver: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """The reference message step (edge = (sender j, receiver i)); torch.ops.efa.message computes
-    the same in one pass over the edges (lammps_plugin/fused_message.cpp)."""
+    the same in one pass over the edges (ops/fused_message.cpp)."""
     m = filter[sender] * linear(rbf, weight, bias) * envelope
     ds, dvv, dvs = torch.split(m, vec.shape[2], dim=1)
     dv_edge = vec[sender] * dvv.unsqueeze(1) + dvs.unsqueeze(1) * unit.unsqueeze(2)
