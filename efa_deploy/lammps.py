@@ -58,6 +58,35 @@ def require_seed(name: str, seed: int) -> None:
         raise ValueError(f"{name} must be between 1 and {MAX_SEED} (LAMMPS's random number generators), not {seed}")
 
 
+def check_run_options(steps: int, ensemble: str, temperature: float | None, timestep_fs: float, thermostat: str,
+                      damping_fs: float, pressure_bar: float, seed: int, periodic_model: bool, periodic_box: bool,
+                      barostat_damping_fs: float = 1000.0, flag: str = "") -> None:
+    """Every check of an MD run's options, one line each; EFASimulation.run and efa-md (which
+    names its options with flag="--") share it, so both refuse the same things alike."""
+    if steps < 0:
+        raise ValueError(f"{flag}steps must be >= 0, not {steps}")
+    if ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+    if thermostat not in THERMOSTATS:
+        raise ValueError(f"unknown thermostat {thermostat!r}; choose one of {', '.join(THERMOSTATS)}")
+    require_positive(f"{flag}timestep", timestep_fs, "fs")
+    if timestep_fs > 5.0:
+        raise ValueError(f"{flag}timestep {timestep_fs} fs is too large for atomistic MD (use <= 5 fs; 0.5 fs with H)")
+    if ensemble in ("nvt", "npt") and (temperature is None or not (temperature > 0 and math.isfinite(temperature))):
+        raise ValueError(f"{flag}temperature must be > 0 K for {ensemble}, not {temperature}")
+    if temperature is not None:
+        require_positive(f"{flag}temperature", temperature, "K", allow_zero=True)
+    require_positive(f"{flag}damping", damping_fs, "fs")
+    require_positive("barostat damping", barostat_damping_fs, "fs")
+    if not math.isfinite(pressure_bar):
+        raise ValueError(f"{flag}pressure must be a finite number of bar, not {pressure_bar}")
+    require_seed(f"{flag}seed", seed)
+    if ensemble == "npt" and not (periodic_model and periodic_box):
+        raise ValueError("ensemble npt needs a periodic box and a periodic model"
+                         + ("; this model's global EFA term is not periodic" if not periodic_model
+                            else "; the structure is not periodic along x, y and z"))
+
+
 def start_lammps(args: Sequence[str] = ("-screen", "none", "-log", "none"), comm=None):
     """A LAMMPS instance with the efa plugin auto-loaded; `comm` is an mpi4py communicator
     (default: MPI.COMM_WORLD, so `mpiexec -n N python script.py` splits the domain)."""
@@ -385,25 +414,8 @@ thermo_modify   norm no flush yes lost error
         callback: called on every rank with the latest thermo row (a dict) every thermo_every steps.
         """
         steps = int(steps)
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, not {steps}")
-        require_positive("timestep", timestep_fs, "fs")
-        require_positive("damping", damping_fs, "fs")
-        require_positive("barostat damping", barostat_damping_fs, "fs")
-        if not math.isfinite(pressure_bar):
-            raise ValueError(f"pressure must be a finite number of bar, not {pressure_bar}")
-        require_seed("seed", seed)
-        if ensemble not in ENSEMBLES:
-            raise ValueError(f"ensemble must be one of {', '.join(ENSEMBLES)}, not {ensemble!r}")
-        if thermostat not in THERMOSTATS:
-            raise ValueError(f"thermostat must be one of {', '.join(THERMOSTATS)}, not {thermostat!r}")
-        if ensemble in ("nvt", "npt") and (temperature is None or not (temperature > 0 and math.isfinite(temperature))):
-            raise ValueError(f"ensemble {ensemble} needs a temperature > 0 K")
-        if ensemble == "npt" and not (self.metadata["periodic"] and self.periodic.all()):
-            raise ValueError(
-                "ensemble npt needs a periodic box and a periodic model; this model's global EFA term is not periodic"
-                if not self.metadata["periodic"] else "ensemble npt needs a structure periodic along x, y and z"
-            )
+        check_run_options(steps, ensemble, temperature, timestep_fs, thermostat, damping_fs, pressure_bar, seed,
+                          self.metadata["periodic"], bool(self.periodic.all()), barostat_damping_fs)
         thermo_every = max(1, int(thermo_every))
         trajectory_every = max(1, int(trajectory_every))
         if trajectory is not None:

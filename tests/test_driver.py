@@ -203,9 +203,9 @@ def test_clear_errors(tmp_path, model_path, cluster):
     with EFASimulation(cluster, model_path) as sim:
         with pytest.raises(ValueError, match="npt needs a periodic box and a periodic model"):
             sim.run(10, ensemble="npt", temperature=300.0)
-        with pytest.raises(ValueError, match="ensemble must be one of nve, nvt, npt"):
+        with pytest.raises(ValueError, match="unknown ensemble 'nph'; choose one of nve, nvt, npt"):
             sim.run(10, ensemble="nph")
-        with pytest.raises(ValueError, match="needs a temperature"):
+        with pytest.raises(ValueError, match="temperature must be > 0 K for nvt, not None"):
             sim.run(10, ensemble="nvt")
         with pytest.raises(ValueError, match="timestep must be > 0"):
             sim.run(10, timestep_fs=-1.0)

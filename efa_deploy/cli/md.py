@@ -78,15 +78,14 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-CHOICES = {"ensemble": ("nve", "nvt", "npt"), "thermostat": ("langevin", "nose-hoover"),
-           "device": ("cpu", "cuda"), "extent": (None, "warn", "error", "off")}
+CHOICES = {"device": ("cpu", "cuda"), "extent": (None, "warn", "error", "off")}
 
 
 def check_arguments(args) -> tuple[dict, object]:
     """Every check that needs no LAMMPS; returns the model metadata and the structure.
     Raises ValueError / FileNotFoundError with one line each."""
     from ..checks import check_structure
-    from ..lammps import load_structure, model_metadata, require_positive, require_seed
+    from ..lammps import check_run_options, load_structure, model_metadata, require_positive
 
     for name, allowed in CHOICES.items():
         value = getattr(args, name)
@@ -96,18 +95,6 @@ def check_arguments(args) -> tuple[dict, object]:
         if not args.grid.isdigit():
             raise ValueError(f"--grid must be auto or a number of Lebedev points, not {args.grid!r}")
         args.grid = int(args.grid)
-    if args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, not {args.steps}")
-    require_positive("--timestep", args.timestep, "fs")
-    if args.timestep > 5.0:
-        raise ValueError(f"--timestep {args.timestep} fs is too large for atomistic MD (use <= 5 fs; 0.5 fs with H)")
-    if args.ensemble in ("nvt", "npt") and not args.temperature > 0:
-        raise ValueError(f"--temperature must be > 0 K for {args.ensemble}, not {args.temperature}")
-    require_positive("--temperature", args.temperature, "K", allow_zero=True)
-    require_positive("--damping", args.damping, "fs")
-    if not math.isfinite(args.pressure):
-        raise ValueError(f"--pressure must be a finite number of bar, not {args.pressure}")
-    require_seed("--seed", args.seed)
     if args.output_every <= 0 or args.thermo_every < 0:
         raise ValueError("--output-every must be > 0 and --thermo-every >= 0")
     if args.minimize:
@@ -125,9 +112,8 @@ def check_arguments(args) -> tuple[dict, object]:
                          f"{' '.join(map(str, rules)) or 'none (no EFA)'} (or use --grid auto)")
     atoms = load_structure(structure, metadata, args.elements)
     check_structure(atoms, metadata, str(structure))
-    if args.ensemble == "npt" and not (metadata["periodic"] and np.all(atoms.pbc)):
-        raise ValueError("ensemble npt needs a periodic model and a structure periodic along x, y and z"
-                         + ("; this model's global EFA term is not periodic" if not metadata["periodic"] else ""))
+    check_run_options(args.steps, args.ensemble, args.temperature, args.timestep, args.thermostat, args.damping,
+                      args.pressure, args.seed, metadata["periodic"], bool(np.all(atoms.pbc)), flag="--")
     out_dir = Path(args.output).resolve().parent
     if not out_dir.is_dir():
         raise FileNotFoundError(f"output folder {out_dir} does not exist")
