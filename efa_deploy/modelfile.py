@@ -156,12 +156,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
 def load_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
     """Load a TorchScript model file and its validated metadata; clear errors for bad files."""
     metadata = read_metadata(path)
+    return _load_module(Path(path), device), metadata
+
+
+def _load_module(path: Path, device: str, extra: dict | None = None) -> torch.jit.ScriptModule:
+    """torch.jit.load with one line instead of a C++ trace when the file is not a module."""
     try:
-        module = torch.jit.load(str(path), map_location=device)
+        return torch.jit.load(str(path), map_location=device, _extra_files=extra or {})
     except Exception as err:  # torch raises RuntimeError subclasses with long C++ traces
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _unreadable(Path(path), first) from None
-    return module, metadata
+        raise _unreadable(path, first) from None
 
 
 def read_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict]:
@@ -170,11 +174,7 @@ def read_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     extra = {METADATA_NAME: ""}
-    try:
-        module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    except Exception as err:  # torch raises RuntimeError subclasses with long C++ traces
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise _unreadable(path, first) from None
+    module = _load_module(path, device, extra)
     if not extra[METADATA_NAME]:
         raise ValueError(f"{path} has no {METADATA_NAME}: it was not written by efa-export")
     try:

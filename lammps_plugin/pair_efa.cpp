@@ -266,10 +266,7 @@ void PairEFA::load_model(const std::string &path)
   dtype_ = meta["dtype"] == "float64" ? torch::kFloat64 : torch::kFloat32;
   model_periodic_ = meta["periodic"].get<bool>();
   r_max_ = meta["efa"]["enabled"].get<bool>() ? meta["efa"]["r_max"].get<double>() : 0.0;
-  // version 1 files predate ghost_width: their model exchanged four values per feature
-  const int ghost_width =
-      meta.contains("ghost_width") ? meta["ghost_width"].get<int>() : 4 * meta["config"]["features"].get<int>();
-  comm_forward = comm_reverse = ghost_width;
+  comm_forward = comm_reverse = meta["ghost_width"].get<int>();  // required by the schema
 
   model_->eval();
   for (auto p : model_->parameters()) p.requires_grad_(false);
