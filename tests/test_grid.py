@@ -23,8 +23,7 @@ from efa_deploy.model.grid import EXACT_B_MAX, GROW_MARGIN, SHRINK_MARGIN
 from efa_deploy.modelfile import METADATA_NAME, convert_model_file, load_model_file, save_model_file
 from efa_deploy.structures import rotated
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import FINITE_SETUP, run_lammps, static_run, write_data
+from helpers import FINITE_SETUP, jittered_cluster, randomised_model, run_lammps, static_run, write_data
 
 ELEMENTS = ["H", "C", "O"]
 R_MAX = 8.0
