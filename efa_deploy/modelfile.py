@@ -130,7 +130,8 @@ def _unreadable(path: Path, reason: str) -> ValueError:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The validated metadata of a model file, without loading its network; checks the
-    network's bytes against the stored CRC-32."""
+    network's bytes against the stored CRC-32 and that this process registers every operator
+    the network calls (field 'ops'), which loading it needs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")

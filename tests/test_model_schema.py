@@ -21,7 +21,7 @@ from efa_deploy.modelfile import (METADATA_NAME, MetadataError, load_model_file,
                                   save_model_file)
 from efa_deploy.ops import called_operators
 
-from helpers import jittered_cluster, randomised_model, write_data
+from helpers import FINITE_SETUP, jittered_cluster, randomised_model, run_lammps, write_data
 
 DELETE = object()
 
@@ -233,6 +233,15 @@ def test_both_sides_refuse_nan_a_non_object_a_corrupted_network_and_an_unknown_o
     assert expected in plugin_messages[path]
     with pytest.raises(ValueError, match=re.escape(expected)):
         load_model_file(path)  # before torch.jit.load, which would fail on the operator with a C++ trace
+
+
+def test_lmp_on_two_ranks_refuses_an_unknown_operator_with_the_fix(files, tmp_path):
+    path, expected = files["extra"]["unknown operator"]
+    (tmp_path / "data.lmp").write_bytes(files["data"].read_bytes())
+    deck = FINITE_SETUP.format(pair_args="", model=path, elements="H C O") + "run 0\n"
+    with pytest.raises(RuntimeError) as failed:
+        run_lammps(deck, tmp_path, nprocs=2, timeout=120)
+    assert f"ERROR: pair_style efa: {path}: {expected}" in str(failed.value)
 
 
 def test_a_file_listing_only_registered_operators_loads_on_both_sides(files, plugin_messages):
