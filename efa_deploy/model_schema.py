@@ -12,6 +12,7 @@ import math
 import re
 import zlib
 from pathlib import Path
+from typing import Callable
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "model_schema.json"
 SCHEMA: dict = json.loads(SCHEMA_PATH.read_text())
@@ -122,6 +123,15 @@ def validate_metadata(metadata) -> dict:
         if name == "format_version":
             version = value
     return metadata
+
+
+def check_operators(metadata: dict, registered: Callable[[str], bool]) -> None:
+    """Raise MetadataError naming the first operator of the field 'ops' that `registered` does
+    not know (the plugin asks the c10 dispatcher the same); files older than 'ops' list none."""
+    for name in metadata.get("ops", []):
+        if not registered(name):
+            raise MetadataError(f"metadata field 'ops' names operator '{name}', which is not registered in this "
+                                f"process; {FIELDS['ops']['unregistered_hint']}")
 
 
 def parse_metadata(text: str | bytes) -> dict:

@@ -16,8 +16,9 @@ from ase.data import chemical_symbols
 
 from . import __version__
 from .model import EnergyModel, ModelConfig, use_fused
-from .model_schema import (FIELDS, FORMAT_VERSION, METADATA_RECORD, MetadataError, network_crc32, parse_metadata,
-                           validate_metadata)
+from .model_schema import (FIELDS, FORMAT_VERSION, METADATA_RECORD, MetadataError, check_operators, network_crc32,
+                           parse_metadata, validate_metadata)
+from .ops import called_operators, is_registered
 
 FORMAT = FIELDS["format"]["enum"][0]
 METADATA_NAME = "metadata.json"
@@ -28,7 +29,10 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MetadataError", "load_model_file", "mode
            "save_model_file", "validate_metadata"]
 
 
-def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | None = None) -> dict:
+def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | None = None,
+                   ops: list[str] | None = None) -> dict:
+    """The metadata of `model`; `ops`: the operators its scripted form calls (ops.called_operators),
+    left out for an eager model (a checkpoint in the calculator)."""
     dtype = next(model.parameters()).dtype
     efa: dict = {"enabled": config.use_efa}
     if config.use_efa:
@@ -49,6 +53,7 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
         # values per atom in each forward_ghosts/reverse_ghosts call: the scalar and the three
         # vector components of every feature (EnergyModel.forward)
         "ghost_width": 4 * int(config.features),
+        **({"ops": list(ops)} if ops is not None else {}),
         "efa": efa,
         "dtype": str(dtype).removeprefix("torch."),
         "units": {"energy": "eV", "length": "Angstrom"},
@@ -92,10 +97,6 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder {path.parent} does not exist")
     _check_finite_weights(model)
-    metadata = model_metadata(model, config, provenance)
-    bad = _non_finite_fields(metadata)
-    if bad:
-        raise ValueError(f"metadata field '{bad[0]}' is NaN or inf: a model file holds finite numbers only")
     if config.use_efa and model.grid_size() != config.grid_points:
         model.set_grid_size(config.grid_points)  # a file starts on its training grid
     use_fused(model.eval(), fused)  # inference: the fused message operator (first derivatives only)
@@ -103,6 +104,10 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
         scripted = torch.jit.script(model)
     finally:
         use_fused(model, False)  # the caller's model keeps training on the reference path
+    metadata = model_metadata(model, config, provenance, called_operators(scripted))
+    bad = _non_finite_fields(metadata)
+    if bad:
+        raise ValueError(f"metadata field '{bad[0]}' is NaN or inf: a model file holds finite numbers only")
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: "{}"})
     metadata["network_crc32"] = network_crc32(_zip_records(buffer))
@@ -125,7 +130,8 @@ def _unreadable(path: Path, reason: str) -> ValueError:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The validated metadata of a model file, without loading its network; checks the
-    network's bytes against the stored CRC-32."""
+    network's bytes against the stored CRC-32 and that this process registers every operator
+    the network calls (field 'ops'), which loading it needs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
@@ -150,6 +156,10 @@ def read_metadata(path: str | os.PathLike) -> dict:
     stored = metadata.get("network_crc32")
     if stored is not None and network_crc32(records) != stored:
         raise _corrupt(path)
+    try:
+        check_operators(metadata, is_registered)
+    except MetadataError as err:
+        raise MetadataError(f"{path}: {err}") from None
     return metadata
 
 

@@ -41,6 +41,33 @@ def _register_pure_torch() -> None:
     _library.impl("message", message_passing, "CompositeImplicitAutograd")  # autograd and meta by decomposition
 
 
+def called_operators(module: torch.jit.ScriptModule) -> list[str]:
+    """The efa:: operators the TorchScript code of `module` calls (every method, submodule
+    calls inlined, every branch): what a process must register to load the module. Adjoints
+    run from the operators' own backward kernels, not from the code, and are not listed."""
+    found: set[str] = set()
+
+    def walk(block) -> None:
+        for node in block.nodes():
+            if node.kind().startswith("efa::"):
+                found.add(node.kind())
+            for inner in node.blocks():
+                walk(inner)
+
+    for name in module._c._method_names():
+        walk(getattr(module, name).inlined_graph)
+    return sorted(found)
+
+
+def is_registered(name: str) -> bool:
+    """Whether the dispatcher knows operator `name` ("efa::global_sum"), as the plugin asks it."""
+    try:
+        torch._C._dispatch_find_schema_or_throw(name, "")
+    except RuntimeError:
+        return False
+    return True
+
+
 def keep_large_blocks() -> bool:
     """Let glibc keep large freed blocks (no page faults for every big tensor of every call);
     used when EFA_DEPLOY_MALLOC=keep. pair_style efa does this by default."""

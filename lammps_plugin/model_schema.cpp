@@ -3,6 +3,7 @@
 #include "json.h"
 #include "model_schema_data.h"
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <caffe2/serialize/inline_container.h>
 
 #include <algorithm>
@@ -154,13 +155,14 @@ uint32_t crc32(uint32_t crc, const void *data, size_t size)
   return ~crc;
 }
 
-// the version writers write: the newest one this build reads
-int newest_format_version()
+const json &field_spec(const std::string &name)
 {
-  for (const auto &spec : schema()["fields"])
-    if (spec["name"] == "format_version") return spec["maximum"].get<int>();
-  return 0;
+  const json &fields = schema()["fields"];
+  return *std::find_if(fields.begin(), fields.end(), [&](const json &spec) { return spec["name"] == name; });
 }
+
+// the version writers write: the newest one this build reads
+int newest_format_version() { return field_spec("format_version")["maximum"].get<int>(); }
 
 }  // namespace
 
@@ -183,6 +185,19 @@ std::string check_metadata(const json &metadata)
     }
   } catch (const Failure &failure) {
     return failure.message;
+  }
+  return "";
+}
+
+std::string check_operators(const json &metadata)
+{
+  const json *ops = lookup(metadata, "ops");
+  if (ops == nullptr) return "";
+  for (const auto &op : *ops) {
+    const std::string name = op.get<std::string>();
+    if (!c10::Dispatcher::singleton().findSchema(c10::OperatorName(name, "")).has_value())
+      return "metadata field 'ops' names operator '" + name + "', which is not registered in this process; " +
+          field_spec("ops")["unregistered_hint"].get<std::string>();
   }
   return "";
 }

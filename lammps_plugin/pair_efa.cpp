@@ -247,6 +247,7 @@ void PairEFA::load_model(const std::string &path)
     if (problem.empty() && meta.contains("network_crc32") && meta["network_crc32"] != crc)
       problem = "metadata field 'network_crc32' does not match the network: the file is corrupt; copy it again or "
                 "export it again";
+    if (problem.empty()) problem = efa::check_operators(meta);  // before torch::jit::load needs them
     if (problem.empty()) {
       model_ = std::make_unique<torch::jit::script::Module>(torch::jit::load(path, device_));
     }

@@ -21,8 +21,7 @@ from efa_deploy.lammps import EFASimulation, start_lammps
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import LMP, MPIEXEC, run_lammps, write_data
+from helpers import LMP, MPIEXEC, jittered_cluster, randomised_model, run_lammps, write_data
 
 ELEMENTS = ["H", "C", "O"]
 BIN = Path(sys.executable).parent
@@ -287,7 +286,7 @@ def test_efa_md_unwritable_output_on_two_ranks_does_not_hang(files):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from efa_testdata import lj_structures, tiny_config, write_npz
+    from helpers import lj_structures, tiny_config, write_npz
 
     from efa_deploy.train import train
 

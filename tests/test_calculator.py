@@ -8,7 +8,6 @@ from ase import Atoms, units
 from ase.calculators.fd import calculate_numerical_stress
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
-from efa_testdata import lj_structures, tiny_config, write_npz
 
 import efa_deploy
 from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
@@ -16,6 +15,8 @@ from efa_deploy.cli.export import export_checkpoint
 from efa_deploy.graph import batch_graph
 from efa_deploy.model import energy_and_forces
 from efa_deploy.train import train
+
+from helpers import lj_structures, tiny_config, write_npz
 
 
 @pytest.fixture(scope="module")

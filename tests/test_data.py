@@ -8,10 +8,11 @@ import pytest
 import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from efa_testdata import lj_structures, write_npz
 
 from efa_deploy.data import GraphDataset, collate, fit_energy_shifts, load_structures
 from efa_deploy.graph import batch_graph
+
+from helpers import lj_structures, write_npz
 
 DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 

@@ -21,8 +21,7 @@ from efa_deploy.lammps import EFASimulation
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 
-from conftest import REPO, jittered_cluster, randomised_model
-from lammps_helpers import MPIEXEC, write_data
+from helpers import MPIEXEC, REPO, jittered_cluster, randomised_model, write_data
 
 ELEMENTS = ["H", "C", "O"]
 SHIPPED_MODEL = REPO / "export" / "water_efa.pt"

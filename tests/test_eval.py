@@ -6,8 +6,6 @@ import re
 import numpy as np
 import pytest
 import yaml
-from conftest import randomised_model
-from efa_testdata import TINY_MODEL, lj_structures, tiny_config, write_npz
 
 from efa_deploy.calculator import EFACalculator
 from efa_deploy.cli.eval import main
@@ -16,6 +14,8 @@ from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 from efa_deploy.splits import split_indices
 from efa_deploy.train import train
+
+from helpers import TINY_MODEL, lj_structures, randomised_model, tiny_config, write_npz
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from efa_testdata import lj_structures, tiny_config, write_npz
 
 from efa_deploy import __version__
 from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
@@ -12,6 +11,8 @@ from efa_deploy.cli.export import check_model_file, compare, held_out_structures
 from efa_deploy.data import file_digest
 from efa_deploy.modelfile import load_model_file
 from efa_deploy.train import train
+
+from helpers import lj_structures, tiny_config, write_npz
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ from efa_deploy.modelfile import load_model_file, save_model_file
 from efa_deploy.ops import MESSAGE_SCHEMA
 from efa_deploy.paths import OPS_LIBRARY
 
-from conftest import REPO, jittered_cluster, randomised_model
-from lammps_helpers import static_run, write_data
+from helpers import REPO, jittered_cluster, randomised_model, static_run, write_data
 
 pytestmark = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
 

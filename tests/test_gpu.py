@@ -10,8 +10,7 @@ import torch
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import static_run, write_data
+from helpers import jittered_cluster, randomised_model, static_run, write_data
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ELEMENTS = ["H", "C", "O"]

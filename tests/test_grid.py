@@ -20,11 +20,10 @@ from efa_deploy import EFACalculator
 from efa_deploy.graph import batch_graph, system_extent
 from efa_deploy.model import ModelConfig, energy_and_forces
 from efa_deploy.model.grid import EXACT_B_MAX, GROW_MARGIN, SHRINK_MARGIN
-from efa_deploy.modelfile import METADATA_NAME, convert_model_file, load_model_file, save_model_file
+from efa_deploy.modelfile import FORMAT_VERSION, METADATA_NAME, convert_model_file, load_model_file, save_model_file
 from efa_deploy.structures import rotated
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import FINITE_SETUP, run_lammps, static_run, write_data
+from helpers import FINITE_SETUP, jittered_cluster, randomised_model, run_lammps, static_run, write_data
 
 ELEMENTS = ["H", "C", "O"]
 R_MAX = 8.0
@@ -248,7 +247,7 @@ def test_converting_a_version_1_file_keeps_its_energies(model, tmp_path):
     new = tmp_path / "new.pt"
     assert main(["--from-model", str(old), "-o", str(new)]) == 0
     module, meta = load_model_file(new)
-    assert meta["format_version"] == 2 and meta["efa"]["grid_rules"] == module.grid_sizes()
+    assert meta["format_version"] == FORMAT_VERSION and meta["efa"]["grid_rules"] == module.grid_sizes()
     assert meta["provenance"]["converted_from"]["format_version"] == 1
     atoms = jittered_cluster(20, seed=4)
     a, b = calculate(path, atoms), calculate(new, atoms)

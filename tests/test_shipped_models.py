@@ -18,7 +18,7 @@ from efa_deploy.lammps import EFASimulation
 from efa_deploy.metrics import evaluate
 from efa_deploy.modelfile import load_model_file
 
-from conftest import REPO
+from helpers import REPO
 
 EXPORT = REPO / "export"
 MODELS = sorted(EXPORT.glob("*.pt"))
@@ -96,7 +96,7 @@ def test_a_62_angstrom_droplet_is_rotation_invariant_by_default(tmp_path):
     and in LAMMPS on 2 ranks, with no option given. Measured: 3e-14 eV/atom (266 or 230 points
     chosen); the 50-point training grid spreads 1e-4 eV/atom over the same rotations."""
     from efa_deploy.structures import rotated, tile_cluster
-    from lammps_helpers import FINITE_SETUP, run_lammps, write_data
+    from helpers import FINITE_SETUP, run_lammps, write_data
 
     path = EXPORT / "water_efa.pt"
     droplet = tile_cluster(read(EXPORT / "water16.xyz"), 64, 9.6, shape="cube")

@@ -4,10 +4,11 @@ trajectory on both sides, and explicit files used exactly as given."""
 import ase.io
 import numpy as np
 import pytest
-from efa_testdata import lj_structures, tiny_config, write_npz
 
 from efa_deploy.splits import group_split, load_splits, split_indices
 from efa_deploy.train import Run
+
+from helpers import lj_structures, tiny_config, write_npz
 
 TRAJECTORY_LENGTHS = [3, 7, 2, 5, 4, 6, 3, 8, 2, 5, 4, 1]  # 12 trajectories, 50 frames
 

@@ -9,7 +9,7 @@ from scipy.spatial.distance import pdist
 from efa_deploy.graph import system_extent
 from efa_deploy.structures import random_rotation, rotated, tile_cluster
 
-from conftest import jittered_cluster
+from helpers import jittered_cluster
 
 
 def test_tiling_copies_the_cluster_on_lattice_sites():

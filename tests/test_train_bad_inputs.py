@@ -6,9 +6,10 @@ import re
 import numpy as np
 import pytest
 import yaml
-from efa_testdata import TINY_MODEL, lj_structures, write_npz
 
 from efa_deploy.cli.train import main
+
+from helpers import TINY_MODEL, lj_structures, write_npz
 
 
 @pytest.fixture(scope="module")
