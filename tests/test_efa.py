@@ -144,3 +144,16 @@ def test_block_positions_gradient_matches_exact_form():
         (g,) = torch.autograd.grad((run_block(block, x, vec, p, exact=exact) * weights).sum(), p)
         grads.append(g.numpy())
     assert relative_error(grads[0], grads[1]) < 1e-5
+
+
+def test_symmetric_product_components_equal_the_symmetrised_outer_product():
+    from efa_deploy.model.efa import symmetric_product
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(7, 3, 5, dtype=torch.float64, generator=gen) for _ in range(2))
+    full = 0.5 * (torch.einsum("nkc,nlc->nckl", a, b) + torch.einsum("nlc,nkc->nckl", a, b))
+    rows, cols = [0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]
+    expected = full[:, :, rows, cols].transpose(1, 2)  # (N, 6, C)
+    assert torch.allclose(symmetric_product(a, b), expected, rtol=0, atol=1e-15)
+    assert torch.allclose(torch.jit.script(symmetric_product)(a, b), expected, rtol=0, atol=1e-15)
+    assert not torch.allclose(symmetric_product(a, b), symmetric_product(a, b.flip(1)))  # negative control
