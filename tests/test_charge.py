@@ -14,6 +14,7 @@ from ase.io import read, write
 
 from efa_deploy import EFACalculator
 from efa_deploy.cli.eval import evaluate_file
+from efa_deploy.cli.export import main as export_main
 from efa_deploy.cli.md import main as efa_md_main
 from efa_deploy.data import GraphDataset, fit_energy_shifts, load_structures
 from efa_deploy.graph import batch_graph
@@ -109,7 +110,7 @@ def test_unused_column_is_ignored_and_the_used_one_matters(cluster):
     assert float((forces[2 * n : 3 * n] - forces[:n]).abs().max()) > 1e-6  # the charge reaches the forces too
 
 
-def fitted_energy_error(flags: dict, structures, steps: int = 150) -> float:
+def fitted_energy_error(flags: dict, structures, steps: int = 100) -> float:
     """Held-out energy MAE of the tiny EFA model fitted to the energies of the first 32
     structures (Adam, full batch), with the given global-input flags."""
     config = ModelConfig(atomic_numbers=[6, 8], **TINY_MODEL, **flags)
@@ -143,15 +144,19 @@ def test_charge_model_learns_what_a_neutral_model_cannot():
     assert charged < 0.2 * control, (charged, control)
 
 
-def test_training_and_validation_carry_the_charges(data_npz, tmp_path):
-    """efa-train reads total_charge and spin from the npz and feeds them to training and validation."""
+def test_training_validation_and_export_check_carry_the_charges(data_npz, tmp_path):
+    """efa-train reads total_charge and spin from the npz and feeds them to training and
+    validation; efa-export --check compares the file on the held-out split with its charges."""
     config = tiny_config(data_npz, tmp_path / "run")
     config["model"].update(charge_input=True, spin_input=True)
     run = Run(config)
-    batch = run.train_set.batch(run.batch_indices(0))
-    assert batch.graph.charge_spin.shape == (batch.graph.n_structures, 2)
-    assert set(batch.graph.charge_spin[:, 0].tolist()) <= {-1.0, 0.0, 1.0}
+    indices = run.batch_indices(0)
+    expected = [[run.train_set.structures[i].info[k] for k in ("charge", "spin")] for i in indices]
+    np.testing.assert_array_equal(run.train_set.batch(indices).graph.charge_spin.numpy(), expected)
     assert np.isfinite(run.train_step()[0]) and np.isfinite(evaluate(run.model, run.val_set)["energy_mae"])
+    run.save("last.ckpt")
+    assert export_main([str(tmp_path / "run" / "last.ckpt"), "-o", str(tmp_path / "m.pt"), "--check"]) == 0
+    assert read_metadata(tmp_path / "m.pt")["global_inputs"] == ["charge", "spin"]
 
 
 def test_training_refuses_data_without_the_charge(tmp_path):
