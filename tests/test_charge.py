@@ -250,6 +250,7 @@ def test_calculator_reads_atoms_info_first(charge_model, cluster, python_charged
     assert neutral == pytest.approx(calculator_results(charge_model, cluster, charge=0, spin=2)[0], rel=1e-12)
 
 
+@pytest.mark.mpi
 def test_lammps_equals_the_calculator_at_one_and_two_ranks(tmp_path, charge_model, cluster, python_charged):
     energy, forces = python_charged
     write_data(cluster, tmp_path / "data.lmp", ELEMENTS)
