@@ -331,6 +331,9 @@ void PairEFA::check_global_inputs()
                  "{}; give {} {} or none, or use a model trained with {}: true",
                  in.trained_on, in.name, in.name, in.name, in.value, in.name, in.neutral, in.flag);
   }
+  if ((model_charge_ || model_spin_) && comm->me == 0)
+    utils::logmesg(lmp, "pair_style efa: total charge {} e, spin multiplicity {}\n", model_charge_ ? charge_ : 0.0,
+                   model_spin_ ? spin_ : 1.0);
 }
 
 void PairEFA::init_style()

@@ -260,6 +260,7 @@ def test_lammps_equals_the_calculator_at_one_and_two_ranks(tmp_path, charge_mode
         result = static_run(tmp_path, charge_model, ELEMENTS, nprocs=nprocs, pair_args="charge 1 spin 2")
         assert result.energy == pytest.approx(energy, rel=1e-10)
         np.testing.assert_allclose(result.forces, forces, rtol=0, atol=1e-10 * np.abs(forces).max())
+    assert "pair_style efa: total charge 1 e, spin multiplicity 2" in (tmp_path / "log.lammps").read_text()
 
 
 def test_driver_passes_the_charge(charge_model, cluster, python_charged):
