@@ -11,13 +11,16 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .checks import check_structure
+from .checks import charge_spin_input, check_structure
 from .graph import Graph, batch_graph, system_extent
 
 # Angstrom: the closest pair is named when it is this close and the results are not finite (as in the plugin)
 CLOSE_CONTACT = 0.5
 
 log = logging.getLogger("efa_deploy")
+# how a user of the calculator gives the global inputs (in errors)
+HOW = {"charge": 'atoms.info["charge"] or EFACalculator(..., charge=Q)',
+       "spin": 'atoms.info["spin"] or EFACalculator(..., spin=M)'}
 
 
 def _is_checkpoint(path: Path) -> bool:
@@ -57,13 +60,17 @@ class EFACalculator(Calculator):
     extent_check: what to do when the structure extends beyond the grid's exact range (beyond
     the largest rule's with grid "auto"): "warn" (once), "error" or "off"; default: "error"
     with grid "auto", "warn" with a fixed grid.
+    charge, spin: the system's total charge (e) and spin multiplicity 2S+1, for models trained
+    on them (metadata 'global_inputs'); atoms.info["charge"] and atoms.info["spin"] come first.
+    Such a model needs them given; a model trained without them accepts only charge 0 and
+    multiplicity 1 (or nothing).
     Stress is available for periodic cells with local (non-EFA) models.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energies"]
 
     def __init__(self, model: str | Path, device: str = "cpu", extent_check: str | None = None,
-                 grid: str | int = "auto", **kwargs):
+                 grid: str | int = "auto", charge: float | None = None, spin: float | None = None, **kwargs):
         super().__init__(**kwargs)
         if extent_check not in (None, "warn", "error", "off"):
             raise ValueError(f"extent_check must be 'warn', 'error' or 'off', not {extent_check!r}")
@@ -73,6 +80,10 @@ class EFACalculator(Calculator):
         self.cutoff = float(self.metadata["cutoff"])
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.efa = bool(self.metadata["efa"].get("enabled"))
+        self.global_inputs = list(self.metadata.get("global_inputs", []))
+        self.charge, self.spin = charge, spin
+        if charge is not None or spin is not None:
+            charge_spin_input(self.global_inputs, charge, spin, HOW)  # refuse bad values now
         self.grid = grid
         if grid != "auto":
             sizes = self.module.grid_sizes()
@@ -109,15 +120,31 @@ class EFACalculator(Calculator):
                           RuntimeWarning, stacklevel=4)
             self._warned_extent = True
 
-    def _check(self, atoms) -> None:
+    def charge_spin(self, atoms) -> tuple[float, float]:
+        """(total charge, multiplicity) for atoms: atoms.info first, then the calculator's."""
+        return charge_spin_input(self.global_inputs, atoms.info.get("charge", self.charge),
+                                 atoms.info.get("spin", self.spin), HOW)
+
+    def check_state(self, atoms, tol=1e-15):
+        """ASE compares positions, numbers and cell; a new atoms.info charge or spin also counts."""
+        changes = super().check_state(atoms, tol)
+        if self.atoms is not None and not changes and any(
+                self.atoms.info.get(k) != atoms.info.get(k) for k in ("charge", "spin")):
+            changes.append("info")
+        return changes
+
+    def _check(self, atoms) -> tuple[float, float]:
         check_structure(atoms, self.metadata, "atoms")
+        charge_spin = self.charge_spin(atoms)
         self._select_grid(atoms.positions)
+        return charge_spin
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        self._check(atoms)
-        graph = batch_graph([atoms], self.atomic_numbers, self.cutoff, self.dtype).to(self.device)
+        charge_spin = self._check(atoms)
+        graph = batch_graph([atoms], self.atomic_numbers, self.cutoff, self.dtype,
+                            [charge_spin] if self.global_inputs else None).to(self.device)
         want_stress = "stress" in properties
         if want_stress and not atoms.cell.rank == 3:
             raise ValueError("stress needs a three-dimensional cell")

@@ -2,8 +2,10 @@
 
 Formats: npz (keys positions (S, N, 3), atomic_numbers (S, N), energy (S,), forces (S, N, 3),
 node_mask (S, N) when structures are padded to N atoms, and any other per-structure array of
-shape (S,), e.g. a trajectory id, which lands in atoms.info) and anything ase.io reads that
-carries energies and forces (extxyz, ASE db, ...). Structures become ase.Atoms with a
+shape (S,), e.g. a trajectory id, which lands in atoms.info; total_charge (S,) lands there as
+"charge", spin (S,) (the multiplicity 2S+1) as "spin") and anything ase.io reads that carries
+energies and forces (extxyz, ASE db, ...; a total charge and multiplicity in the info keys
+"charge" and "spin", the ASE/fairchem convention). Structures become ase.Atoms with a
 SinglePointCalculator. Splitting them is splits.py's job.
 """
 
@@ -20,9 +22,15 @@ import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from .checks import CONFIG_FLAG, NEUTRAL, check_global_value
 from .graph import Graph, collate, species_index, structure_graph
 
 NPZ_REQUIRED = ("positions", "atomic_numbers", "energy", "forces")
+# npz arrays stored in atoms.info under another name: the ASE/fairchem info keys
+NPZ_INFO_NAMES = {"total_charge": "charge"}
+# where a data file holds each global input
+GLOBAL_INPUT_KEYS = {"charge": "npz key 'total_charge' or extxyz/ASE info key 'charge'",
+                     "spin": "npz key 'spin' or extxyz/ASE info key 'spin' (the multiplicity 2S+1)"}
 
 
 def file_digest(path: str | Path) -> str:
@@ -85,7 +93,7 @@ def _read_npz(path: Path) -> list[Atoms]:
     for k in range(s):
         m = mask[k]
         atoms = Atoms(numbers=numbers[k, m].astype(np.int64), positions=pos[k, m].astype(np.float64),
-                      info={key: values[k].item() for key, values in extras.items()})
+                      info={NPZ_INFO_NAMES.get(key, key): values[k].item() for key, values in extras.items()})
         atoms.calc = SinglePointCalculator(atoms, energy=float(energy[k]), forces=forces[k, m].astype(np.float64))
         structures.append(atoms)
     return structures
@@ -149,6 +157,24 @@ def _check_structure(atoms: Atoms, where: str) -> None:
         raise ValueError(f"{where} has NaN or infinite forces")
 
 
+def global_inputs_of(structures: Sequence[Atoms], names: Sequence[str], source: str) -> np.ndarray:
+    """(S, 2) total charge and spin multiplicity of each structure, from atoms.info, for a model
+    trained on the global inputs `names`; the inputs it does not take are left neutral."""
+    out = np.tile([NEUTRAL["charge"], NEUTRAL["spin"]], (len(structures), 1))
+    for i, atoms in enumerate(structures):
+        for column, name in enumerate(("charge", "spin")):
+            if name not in names:
+                continue
+            if name not in atoms.info:
+                raise ValueError(f"the model config sets {CONFIG_FLAG[name]}: true but structure {i} of {source} has "
+                                 f"no {name}; add the {GLOBAL_INPUT_KEYS[name]}, one value per structure")
+            try:
+                out[i, column] = check_global_value(name, atoms.info[name])
+            except ValueError as err:
+                raise ValueError(f"structure {i} of {source}: {err}") from None
+    return out
+
+
 def elements_of(structures: Sequence[Atoms]) -> list[int]:
     """Sorted atomic numbers present in the structures."""
     return sorted({int(z) for atoms in structures for z in atoms.numbers})
@@ -165,10 +191,14 @@ class GraphDataset:
     """Structures with their neighbour lists computed once; batch(indices) concatenates them."""
 
     def __init__(self, structures: Sequence[Atoms], atomic_numbers: Sequence[int], cutoff: float,
-                 dtype: torch.dtype = torch.float64):
+                 dtype: torch.dtype = torch.float64, global_inputs: Sequence[str] = (), source: str = "the data"):
+        """global_inputs: the model's (ModelConfig.global_inputs, metadata 'global_inputs'): every
+        graph then carries its structure's charge_spin; source names the structures in errors."""
         self.structures = list(structures)
         species_index(elements_of(self.structures), atomic_numbers)  # clear error for unknown elements
-        self.graphs = [structure_graph(a, atomic_numbers, cutoff, dtype, i) for i, a in enumerate(self.structures)]
+        charge_spin = global_inputs_of(self.structures, global_inputs, source) if global_inputs else None
+        self.graphs = [structure_graph(a, atomic_numbers, cutoff, dtype, i, None if charge_spin is None else charge_spin[i])
+                       for i, a in enumerate(self.structures)]
         self.energy = torch.tensor([a.calc.results["energy"] for a in self.structures], dtype=dtype)
         self.forces = [torch.tensor(np.asarray(a.calc.results["forces"]), dtype=dtype) for a in self.structures]
 

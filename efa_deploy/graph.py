@@ -19,9 +19,14 @@ class Graph:
     batch: torch.Tensor  # (N,) structure index
     n_structures: int
     owned: torch.Tensor  # (N,) 1 for real atoms
+    # (n_structures, 2) total charge and spin multiplicity: only for models that take them
+    charge_spin: torch.Tensor | None = None
 
     def inputs(self) -> tuple:
-        return (self.positions, self.species, self.edge_index, self.edge_shift, self.batch, self.n_structures, self.owned)
+        """The model's forward inputs: seven, or eight with charge_spin."""
+        inputs = (self.positions, self.species, self.edge_index, self.edge_shift, self.batch, self.n_structures,
+                  self.owned)
+        return inputs if self.charge_spin is None else (*inputs, self.charge_spin)
 
     def to(self, device: torch.device | str) -> "Graph":
         return Graph(*(t.to(device) if isinstance(t, torch.Tensor) else t for t in self.inputs()))
@@ -50,8 +55,10 @@ def neighbour_edges(positions: np.ndarray, cell: np.ndarray, pbc, cutoff: float)
     return np.stack([j, i]).astype(np.int64), shifts.astype(np.float64) @ box
 
 
-def structure_graph(atoms, atomic_numbers: Sequence[int], cutoff: float, dtype=torch.float64, index: int = 0) -> Graph:
-    """The graph of one ASE structure (`index` names it in errors)."""
+def structure_graph(atoms, atomic_numbers: Sequence[int], cutoff: float, dtype=torch.float64, index: int = 0,
+                    charge_spin: Sequence[float] | None = None) -> Graph:
+    """The graph of one ASE structure (`index` names it in errors), with its total charge and
+    spin multiplicity when given (models with global inputs)."""
     positions = atoms.get_positions()
     if not np.all(np.isfinite(positions)):
         raise ValueError(f"structure {index} has non-finite (NaN or inf) coordinates")
@@ -65,6 +72,7 @@ def structure_graph(atoms, atomic_numbers: Sequence[int], cutoff: float, dtype=t
         batch=torch.zeros(n, dtype=torch.long),
         n_structures=1,
         owned=torch.ones(n, dtype=dtype),
+        charge_spin=None if charge_spin is None else torch.tensor([list(charge_spin)], dtype=dtype),
     )
 
 
@@ -82,12 +90,16 @@ def collate(graphs: Sequence[Graph]) -> Graph:
         batch=torch.cat([torch.full((g.positions.shape[0],), b, dtype=torch.long) for b, g in enumerate(graphs)]),
         n_structures=len(graphs),
         owned=torch.cat([g.owned for g in graphs]),
+        charge_spin=None if graphs[0].charge_spin is None else torch.cat([g.charge_spin for g in graphs]),
     )
 
 
-def batch_graph(structures: Sequence, atomic_numbers: Sequence[int], cutoff: float, dtype=torch.float64) -> Graph:
-    """Concatenate ASE Atoms into one graph; atoms stay grouped by structure."""
-    return collate([structure_graph(a, atomic_numbers, cutoff, dtype, b) for b, a in enumerate(structures)])
+def batch_graph(structures: Sequence, atomic_numbers: Sequence[int], cutoff: float, dtype=torch.float64,
+                charge_spin: Sequence[Sequence[float]] | None = None) -> Graph:
+    """Concatenate ASE Atoms into one graph; atoms stay grouped by structure. charge_spin: the
+    (total charge, multiplicity) of each structure, for models with global inputs."""
+    return collate([structure_graph(a, atomic_numbers, cutoff, dtype, b, None if charge_spin is None else charge_spin[b])
+                    for b, a in enumerate(structures)])
 
 
 def system_extent(positions: np.ndarray) -> float:

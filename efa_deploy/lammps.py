@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .checks import check_structure
+from .checks import charge_spin_input, check_structure
 
 ENSEMBLES = ("nve", "nvt", "npt")
 THERMOSTATS = ("langevin", "nose-hoover")
@@ -44,6 +44,9 @@ LAMMPS_DATA_SUFFIXES = (".data", ".lmp", ".lammps")
 TRAJECTORY_FORMATS = ("extxyz", "lammps-dump")
 # LAMMPS's random number generators take seeds in 1 .. 900000000
 MAX_SEED = 900_000_000
+# how a user of EFASimulation gives the global inputs (in errors)
+HOW = {"charge": "EFASimulation(..., charge=Q) or the structure's info['charge']",
+       "spin": "EFASimulation(..., spin=M) or the structure's info['spin']"}
 
 
 def require_positive(name: str, value: float, unit: str, allow_zero: bool = False) -> None:
@@ -85,6 +88,20 @@ def check_run_options(steps: int, ensemble: str, temperature: float | None, time
         raise ValueError("ensemble npt needs a periodic box and a periodic model"
                          + ("; this model's global EFA term is not periodic" if not periodic_model
                             else "; the structure is not periodic along x, y and z"))
+
+
+def structure_charge_spin(atoms, metadata: dict, charge: float | None, spin: float | None,
+                          how: dict[str, str]) -> tuple[float, float]:
+    """(total charge, multiplicity) of a structure for the model: the arguments, else the
+    structure's info["charge"] / info["spin"], under the rule of checks.charge_spin_input."""
+    return charge_spin_input(metadata.get("global_inputs", []), atoms.info.get("charge") if charge is None else charge,
+                             atoms.info.get("spin") if spin is None else spin, how)
+
+
+def global_input_keywords(metadata: dict, charge_spin: tuple[float, float]) -> str:
+    """The pair_style efa keywords (" charge Q spin M") for the global inputs the model takes."""
+    taken = metadata.get("global_inputs", [])
+    return "".join(f" {name} {value!r}" for name, value in zip(("charge", "spin"), charge_spin) if name in taken)
 
 
 def start_lammps(args: Sequence[str] = ("-screen", "none", "-log", "none"), comm=None):
@@ -176,12 +193,16 @@ class EFASimulation:
     pbc: for a LAMMPS data file (which does not say), whether its box is periodic; default: as
         the model (periodic for local models, finite for EFA models).
     log: LAMMPS log file (default none); screen: let LAMMPS print to the screen.
+    charge, spin: the system's total charge (e) and spin multiplicity 2S+1 (pair_style efa
+        charge Q spin M), for models trained on them (metadata 'global_inputs'); default: the
+        structure's info["charge"] / info["spin"] (extxyz). Such a model needs them given; a
+        model trained without them accepts only charge 0 and multiplicity 1.
     """
 
     def __init__(self, structure, model: str | os.PathLike, elements: Sequence[str] | None = None,
                  device: str = "cpu", extent: str | None = None, margin: float = 10.0, comm=None,
                  pbc: bool | None = None, log: str | os.PathLike | None = None, screen: bool = False,
-                 grid: str | int = "auto"):
+                 grid: str | int = "auto", charge: float | None = None, spin: float | None = None):
         from mpi4py import MPI
 
         self.comm = comm if comm is not None else MPI.COMM_WORLD
@@ -199,6 +220,7 @@ class EFASimulation:
         atoms = load_structure(structure, self.metadata, elements, pbc)
         source = str(structure) if not hasattr(structure, "positions") else "the structure"
         check_structure(atoms, self.metadata, source)
+        self.charge_spin = structure_charge_spin(atoms, self.metadata, charge, spin, HOW)
         self.periodic = np.asarray(atoms.pbc, dtype=bool).copy()
         self.n_atoms = len(atoms)
         self.numbers = atoms.numbers.copy()
@@ -213,7 +235,8 @@ class EFASimulation:
         args = ["-log", str(log) if log else "none", "-nocite"] + ([] if screen else ["-screen", "none"])
         self.lmp = start_lammps(args, self.comm)
         boundary = " ".join("p" if p else "s" for p in self.periodic)
-        pair = f"efa device {device} grid {grid}" + (f" extent {extent}" if extent else "")
+        pair = (f"efa device {device} grid {grid}" + (f" extent {extent}" if extent else "")
+                + global_input_keywords(self.metadata, self.charge_spin))
         type_elements = " ".join(self.model_elements)
         self.lmp.commands_string(f"""
 units           metal

@@ -103,6 +103,18 @@ def _check_field(metadata: dict, name: str, value, spec: dict) -> None:
         _fail(name, spec, f"must be false when '{spec['false_if']}' is true")
 
 
+def _check_with_input(metadata: dict, name: str, present: bool, spec: dict) -> bool:
+    """A field that is there exactly when 'inputs' holds the name `with_input`; returns whether
+    it is there."""
+    inputs = lookup(metadata, "inputs")[1]
+    needed = isinstance(inputs, list) and spec["with_input"] in inputs
+    if needed and not present:
+        _fail(name, spec, f"is missing: the model takes the input '{spec['with_input']}'")
+    if present and not needed:
+        _fail(name, spec, f"is set but 'inputs' does not hold '{spec['with_input']}'")
+    return present
+
+
 def validate_metadata(metadata) -> dict:
     """Check every field the schema lists, in its order; raise MetadataError naming the first
     bad one. Fields a file's format_version predates are optional; fields whose
@@ -115,6 +127,8 @@ def validate_metadata(metadata) -> dict:
         if "required_if" in spec and lookup(metadata, spec["required_if"])[1] is not True:
             continue
         present, value = lookup(metadata, name)
+        if "with_input" in spec and not _check_with_input(metadata, name, present, spec):
+            continue
         if not present:
             if version >= spec.get("since_version", 0):
                 _fail(name, spec, "is missing")

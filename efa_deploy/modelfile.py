@@ -15,15 +15,16 @@ import torch
 from ase.data import chemical_symbols
 
 from . import __version__
-from .model import EnergyModel, ModelConfig, use_fused
+from .model import EnergyModel, ModelConfig, build_model, use_fused
 from .model_schema import (FIELDS, FORMAT_VERSION, METADATA_RECORD, MetadataError, check_operators, network_crc32,
                            parse_metadata, validate_metadata)
 from .ops import called_operators, is_registered
 
 FORMAT = FIELDS["format"]["enum"][0]
 METADATA_NAME = "metadata.json"
-# the arguments of EnergyModel.forward, in order: what every caller passes
-INPUTS = FIELDS["inputs"]["enum"][0]
+# the arguments of EnergyModel.forward, in order: what every caller passes; models with
+# global inputs (ChargedEnergyModel) take the second form, with charge_spin appended
+INPUTS, CHARGED_INPUTS = FIELDS["inputs"]["enum"]
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MetadataError", "load_model_file", "model_metadata", "read_metadata",
            "save_model_file", "validate_metadata"]
@@ -49,12 +50,13 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
         "atomic_numbers": list(config.atomic_numbers),
         "cutoff": float(config.cutoff),
         "num_layers": int(config.num_layers),
-        "inputs": list(INPUTS),
+        "inputs": list(CHARGED_INPUTS if config.global_inputs else INPUTS),
         # values per atom in each forward_ghosts/reverse_ghosts call: the scalar and the three
         # vector components of every feature (EnergyModel.forward)
         "ghost_width": 4 * int(config.features),
         **({"ops": list(ops)} if ops is not None else {}),
         "efa": efa,
+        **({"global_inputs": config.global_inputs} if config.global_inputs else {}),
         "dtype": str(dtype).removeprefix("torch."),
         "units": {"energy": "eV", "length": "Angstrom"},
         "periodic": config.periodic,
@@ -201,7 +203,7 @@ def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, di
     if metadata.get("format") != FORMAT or "config" not in metadata or "dtype" not in metadata:
         raise ValueError(f"{path}: not an efa-deploy model file (no format/config/dtype in its metadata)")
     config = ModelConfig.from_dict(metadata["config"])
-    model = EnergyModel(config).to(getattr(torch, metadata["dtype"]))
+    model = build_model(config, getattr(torch, metadata["dtype"]))
     # the rules are the code's; the training grid and everything else is the file's
     state = {k: v for k, v in module.state_dict().items() if not k.startswith("grid.")}
     try:

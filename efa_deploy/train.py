@@ -108,9 +108,9 @@ class Run:
         self.model = build_model(self.model_config, self.dtype)
         shifts = fit_energy_shifts(splits.train, self.model_config.atomic_numbers)
         self.model.energy_shift.copy_(torch.from_numpy(shifts))
-        z, cutoff = self.model_config.atomic_numbers, self.model_config.cutoff
-        self.train_set = GraphDataset(splits.train, z, cutoff, self.dtype)
-        self.val_set = GraphDataset(splits.validation, z, cutoff, self.dtype)
+        z, cutoff, names = self.model_config.atomic_numbers, self.model_config.cutoff, self.model_config.global_inputs
+        self.train_set = GraphDataset(splits.train, z, cutoff, self.dtype, names, "the training set")
+        self.val_set = GraphDataset(splits.validation, z, cutoff, self.dtype, names, "the validation set")
         out.mkdir(parents=True, exist_ok=True)
 
         self.steps_per_epoch = math.ceil(len(self.train_set) / tc.batch_size)

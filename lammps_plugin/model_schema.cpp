@@ -137,6 +137,18 @@ void check_field(const json &metadata, const std::string &name, const json &valu
   }
 }
 
+// A field that is there exactly when 'inputs' holds the name `with_input`; returns whether it is there.
+bool check_with_input(const json &metadata, const std::string &name, bool present, const json &spec)
+{
+  const std::string input = spec["with_input"].get<std::string>();
+  const json *inputs = lookup(metadata, "inputs");
+  const bool needed = inputs != nullptr && inputs->is_array() &&
+      std::find(inputs->begin(), inputs->end(), json(input)) != inputs->end();
+  if (needed && !present) fail(name, spec, "is missing: the model takes the input '" + input + "'");
+  if (present && !needed) fail(name, spec, "is set but 'inputs' does not hold '" + input + "'");
+  return present;
+}
+
 // CRC-32 (the zlib polynomial), continued from `crc` as zlib.crc32(data, crc) does
 uint32_t crc32(uint32_t crc, const void *data, size_t size)
 {
@@ -176,6 +188,7 @@ std::string check_metadata(const json &metadata)
       if (spec.contains("required_if") && !is_true(lookup(metadata, spec["required_if"].get<std::string>())))
         continue;
       const json *value = lookup(metadata, name);
+      if (spec.contains("with_input") && !check_with_input(metadata, name, value != nullptr, spec)) continue;
       if (value == nullptr) {
         if (version >= spec.value("since_version", 0)) fail(name, spec, "is missing");
         continue;

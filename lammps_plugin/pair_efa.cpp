@@ -97,7 +97,9 @@ int env_int(const char *name, int fallback)
 
 PairEFA::PairEFA(LAMMPS *lmp) :
     Pair(lmp), device_(torch::kCPU), extent_policy_(ExtentPolicy::Default),
-    extent_warned_(false), grid_fixed_(0), grid_in_use_(0), skip_backward_sum_(false), dtype_(torch::kFloat64), cutoff_(0.0),
+    extent_warned_(false), grid_fixed_(0), grid_in_use_(0), skip_backward_sum_(false),
+    charge_(std::numeric_limits<double>::quiet_NaN()), spin_(std::numeric_limits<double>::quiet_NaN()),
+    model_charge_(false), model_spin_(false), dtype_(torch::kFloat64), cutoff_(0.0),
     r_max_(0.0), model_periodic_(false), energy_unit_(1.0), sync_rows_(nullptr), sync_width_(0)
 {
   single_enable = 0;
@@ -131,13 +133,14 @@ void PairEFA::allocate()
   type_to_species_.assign(n + 1, -1);
 }
 
-/* pair_style efa [device cpu|cuda] [grid auto|N] [extent warn|error|off] */
+/* pair_style efa [device cpu|cuda] [grid auto|N] [extent warn|error|off] [charge Q] [spin M] */
 
 void PairEFA::settings(int narg, char **arg)
 {
   std::string device = "cpu";
   extent_policy_ = ExtentPolicy::Default;
   grid_fixed_ = 0;
+  charge_ = spin_ = std::numeric_limits<double>::quiet_NaN();
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -156,8 +159,16 @@ void PairEFA::settings(int narg, char **arg)
       grid_fixed_ = value == "auto" ? 0 : utils::inumeric(FLERR, value, false, lmp);
       if (grid_fixed_ < 0)
         error->all(FLERR, "pair_style efa: grid must be 'auto' or a number of Lebedev points, not '{}'", value);
+    } else if (key == "charge") {
+      charge_ = utils::numeric(FLERR, value, false, lmp);
+      if (!std::isfinite(charge_))
+        error->all(FLERR, "pair_style efa: charge must be a finite number of e, not '{}'", value);
+    } else if (key == "spin") {
+      spin_ = utils::numeric(FLERR, value, false, lmp);
+      if (!(std::isfinite(spin_) && spin_ >= 1.0 && spin_ == std::round(spin_)))
+        error->all(FLERR, "pair_style efa: spin is the multiplicity 2S+1, a whole number >= 1, not '{}'", value);
     } else {
-      error->all(FLERR, "pair_style efa: unknown keyword '{}' (known: device, grid, extent)", key);
+      error->all(FLERR, "pair_style efa: unknown keyword '{}' (known: device, grid, extent, charge, spin)", key);
     }
     iarg += 2;
   }
@@ -268,6 +279,9 @@ void PairEFA::load_model(const std::string &path)
   model_periodic_ = meta["periodic"].get<bool>();
   r_max_ = meta["efa"]["enabled"].get<bool>() ? meta["efa"]["r_max"].get<double>() : 0.0;
   comm_forward = comm_reverse = meta["ghost_width"].get<int>();  // required by the schema
+  const json global_inputs = meta.value("global_inputs", json::array());  // present with input charge_spin
+  model_charge_ = std::find(global_inputs.begin(), global_inputs.end(), json("charge")) != global_inputs.end();
+  model_spin_ = std::find(global_inputs.begin(), global_inputs.end(), json("spin")) != global_inputs.end();
 
   model_->eval();
   for (auto p : model_->parameters()) p.requires_grad_(false);
@@ -295,12 +309,41 @@ void PairEFA::check_units()
                units);
 }
 
+// The rule of efa_deploy/checks.py (charge_spin_input): a model trained on an input needs it
+// given; a model trained without it accepts only the neutral value (charge 0, multiplicity 1).
+void PairEFA::check_global_inputs()
+{
+  const struct {
+    const char *name, *trained_on, *give, *flag, *neutral;
+    double value, neutral_value;
+    bool taken;
+  } inputs[] = {
+      {"charge", "total charge", "the system's total charge in e", "charge_input", "0", charge_, 0.0, model_charge_},
+      {"spin", "spin multiplicity", "the system's spin multiplicity 2S+1", "spin_input", "1", spin_, 1.0, model_spin_},
+  };
+  for (const auto &in : inputs) {
+    const bool given = !std::isnan(in.value);
+    if (in.taken && !given)
+      error->all(FLERR, "pair_style efa: the model was trained on {}: give {} (pair_style efa ... {} {})", in.trained_on,
+                 in.give, in.name, in.name == std::string("charge") ? "Q" : "M");
+    if (!in.taken && given && in.value != in.neutral_value)
+      error->all(FLERR,
+                 "pair_style efa: the model was trained without {} (neutral, fixed-{} data) and cannot use a {}: got {} "
+                 "{}; give {} {} or none, or use a model trained with {}: true",
+                 in.trained_on, in.name, in.name, in.name, in.value, in.name, in.neutral, in.flag);
+  }
+  if ((model_charge_ || model_spin_) && comm->me == 0)
+    utils::logmesg(lmp, "pair_style efa: total charge {} e, spin multiplicity {}\n", model_charge_ ? charge_ : 0.0,
+                   model_spin_ ? spin_ : 1.0);
+}
+
 void PairEFA::init_style()
 {
   if (!model_) error->all(FLERR, "pair_style efa: no model loaded; add 'pair_coeff * * model.pt El1 El2 ...'");
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style efa requires newton pair on (remove 'newton off' from the input)");
   check_units();
+  check_global_inputs();
   // pair_style hybrid took the sub-styles' comm_forward/comm_reverse when pair_style was read,
   // before pair_coeff loaded the model and set this style's: raise the host's now, before
   // Comm::init sizes the communication buffers from them
@@ -466,6 +509,10 @@ void PairEFA::compute(int eflag, int vflag)
 
     std::vector<torch::jit::IValue> inputs{positions, species_t, edge_index, edge_shift, batch,
                                            static_cast<int64_t>(1), owned_t};
+    if (model_charge_ || model_spin_) {  // the eighth input, charge_spin (1, 2); unused columns neutral
+      const double charge_spin[2] = {model_charge_ ? charge_ : 0.0, model_spin_ ? spin_ : 1.0};
+      inputs.emplace_back(torch::tensor({charge_spin[0], charge_spin[1]}, cpu_double).reshape({1, 2}).to(on_device));
+    }
     atomic = model_->forward(inputs).toTensor();
     backend.in_backward = true;
     auto grads = torch::autograd::grad({atomic.sum()}, {positions}, {}, false, false, true);

@@ -51,6 +51,9 @@ class PairEFA : public Pair {
   int grid_in_use_;  // points of the rule the model uses now
   bool skip_backward_sum_;  // testing only: the wrong forces the reverse reduction prevents
   int fail_on_rank_;        // testing only: this rank's model evaluation fails
+  // global inputs: `charge Q spin M` as given (NaN: not given), and which ones the model takes
+  double charge_, spin_;
+  bool model_charge_, model_spin_;
 
   std::string model_path_;
   std::unique_ptr<torch::jit::script::Module> model_;
@@ -68,6 +71,7 @@ class PairEFA : public Pair {
   void allocate();
   void load_model(const std::string &path);
   void check_units();
+  void check_global_inputs();
   double check_coordinates_and_extent();
   void select_grid(double extent);
   [[noreturn]] void evaluation_failed(const std::string &reason);

@@ -26,14 +26,27 @@ from helpers import FINITE_SETUP, jittered_cluster, randomised_model, run_lammps
 DELETE = object()
 
 
+class WithInput:
+    """A value of a `with_input` field, in metadata whose 'inputs' holds that input."""
+
+    def __init__(self, input_name: str, value):
+        self.input_name, self.value = input_name, value
+
+    def __repr__(self) -> str:
+        return f"with {self.input_name}: {'missing' if self.value is DELETE else json.dumps(self.value)}"
+
+
 def mutate(metadata: dict, name: str, value) -> dict:
     metadata = copy.deepcopy(metadata)
+    if isinstance(value, WithInput):
+        metadata["inputs"] = [*metadata["inputs"], value.input_name]
+        value = value.value
     *parents, leaf = name.split(".")
     target = metadata
     for part in parents:
         target = target[part]
     if value is DELETE:
-        del target[leaf]
+        target.pop(leaf, None)
     else:
         target[leaf] = value
     return metadata
@@ -122,6 +135,13 @@ def schema_mutations(metadata: dict) -> list:
     cases = []
     for spec in SCHEMA["fields"]:
         name = spec["name"]
+        if "with_input" in spec:  # there exactly when 'inputs' holds the input (global_inputs)
+            needs = spec["with_input"]
+            cases += [(name, WithInput(needs, DELETE), f"is missing: the model takes the input '{needs}'"),
+                      (name, WithInput(needs, WRONG_TYPE[spec["type"]]), "should be"),
+                      (name, WithInput(needs, wrong_value(spec, None)), "must be"),
+                      (name, spec["enum"][0], f"is set but 'inputs' does not hold '{needs}'")]
+            continue
         good = lookup(metadata, name)[1]
         cases.append((name, DELETE, "is missing"))
         cases.append((name, WRONG_TYPE[spec["type"]], "should be"))
@@ -138,7 +158,8 @@ METADATA = model_metadata(MODEL, CONFIG, ops=called_operators(SCRIPTED))
 MUTATIONS += schema_mutations(METADATA)
 UNKNOWN_OPERATOR = ("metadata field 'ops' names operator 'efa::no_such_op', which is not registered in this process; "
                     "the model needs an operator this build of libefa_ops lacks: upgrade efa-deploy and rebuild it")
-IDS = [f"{name} {'missing' if value is DELETE else json.dumps(value)}"[:50] for name, value, _ in MUTATIONS]
+IDS = [f"{name} {'missing' if value is DELETE else value if isinstance(value, WithInput) else json.dumps(value)}"[:50]
+       for name, value, _ in MUTATIONS]
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,8 @@ def evaluate_file(model: str | Path, data: str | Path, batch_size: int = 16, spl
 
     module, metadata = load_any(model)
     structures = structures_of(data, split)
-    dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], getattr(torch, metadata["dtype"]))
+    dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], getattr(torch, metadata["dtype"]),
+                           metadata.get("global_inputs", []), str(data))
     predictions = predict(module, dataset, batch_size)
     bad = np.flatnonzero(~np.isfinite(predictions.energy))
     if len(bad):

@@ -15,11 +15,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..data import load_structures
+from ..data import global_inputs_of, load_structures
 from ..graph import batch_graph
 from ..model import energy_and_forces
 from ..modelfile import convert_model_file, load_model_file, save_model_file
@@ -77,12 +78,16 @@ def held_out_structures(ckpt: dict, data_path: str | Path | None = None, count: 
 
 
 def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list, atomic_numbers, cutoff: float,
-            dtype: torch.dtype, batch_size: int = 16) -> dict:
+            dtype: torch.dtype, batch_size: int = 16, global_inputs: Sequence[str] = ()) -> dict:
     """Largest |difference| of energies, forces and per-atom energies between two models; NaN
-    when either model gives NaN or inf."""
+    when either model gives NaN or inf. global_inputs: the models' (their charges and spins
+    come from the structures' info)."""
     worst = {"energy": 0.0, "forces": 0.0, "energies": 0.0}
+    charge_spin = global_inputs_of(structures, global_inputs, "the check data") if global_inputs else None
     for start in range(0, len(structures), batch_size):
-        graph = batch_graph(structures[start : start + batch_size], atomic_numbers, cutoff, dtype)
+        part = slice(start, start + batch_size)
+        graph = batch_graph(structures[part], atomic_numbers, cutoff, dtype,
+                            None if charge_spin is None else charge_spin[part])
         a = energy_and_forces(scripted, *graph.inputs())
         b = energy_and_forces(eager, *graph.inputs())
         for key, x, y in zip(("energy", "forces", "energies"), a, b):
@@ -102,7 +107,8 @@ def check_model_file(model_file: str | Path, checkpoint: str | Path, weights: st
     eager, config = eager_model(ckpt, checkpoint, weights)
     structures = held_out_structures(ckpt, data_path, count)
     dtype = next(eager.parameters()).dtype
-    worst = compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, dtype)
+    worst = compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, dtype,
+                    global_inputs=config.global_inputs)
     tol = CHECK_TOLERANCE[metadata["dtype"]]
     finite = all(math.isfinite(v) for v in worst.values())
     return {"structures": len(structures), "max_abs_diff": {k: v if math.isfinite(v) else None for k, v in worst.items()},

@@ -72,6 +72,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--extent", default=None,
                    help="structure beyond the grid's exact range: warn, error or off (default: error with --grid auto, "
                         "else warn)")
+    p.add_argument("--charge", type=float, default=None,
+                   help="total charge in e, for models trained on it (default: the structure's info 'charge')")
+    p.add_argument("--spin", type=float, default=None,
+                   help="spin multiplicity 2S+1, for models trained on it (default: the structure's info 'spin')")
     p.add_argument("--plot", help="energy/temperature plot (default: OUTPUT-stem.png)")
     p.add_argument("--log", help="LAMMPS log file (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no live progress")
@@ -85,7 +89,7 @@ def check_arguments(args) -> tuple[dict, object]:
     """Every check that needs no LAMMPS; returns the model metadata and the structure.
     Raises ValueError / FileNotFoundError with one line each."""
     from ..checks import check_structure
-    from ..lammps import check_run_options, load_structure, model_metadata, require_positive
+    from ..lammps import check_run_options, load_structure, model_metadata, require_positive, structure_charge_spin
 
     for name, allowed in CHOICES.items():
         value = getattr(args, name)
@@ -112,6 +116,7 @@ def check_arguments(args) -> tuple[dict, object]:
                          f"{' '.join(map(str, rules)) or 'none (no EFA)'} (or use --grid auto)")
     atoms = load_structure(structure, metadata, args.elements)
     check_structure(atoms, metadata, str(structure))
+    structure_charge_spin(atoms, metadata, args.charge, args.spin, {"charge": "--charge Q", "spin": "--spin M"})
     check_run_options(args.steps, args.ensemble, args.temperature, args.timestep, args.thermostat, args.damping,
                       args.pressure, args.seed, metadata["periodic"], bool(np.all(atoms.pbc)), flag="--")
     out_dir = Path(args.output).resolve().parent
@@ -237,7 +242,7 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     sim = EFASimulation(structure, args.model, elements=args.elements, device=args.device, extent=args.extent,
-                        comm=comm, log=args.log, grid=args.grid)
+                        comm=comm, log=args.log, grid=args.grid, charge=args.charge, spin=args.spin)
     meta = sim.metadata
     efa = meta["efa"]
     say(f"{PROG}: {sim.n_atoms} atoms from {structure}, model {args.model} "

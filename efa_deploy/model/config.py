@@ -31,6 +31,10 @@ class ModelConfig:
     # exact pairwise form (the same kernel within r_max, checked; O(n^2) per structure but much
     # cheaper than the grid for molecules); 0: always the grid. Evaluation, export and MD use the grid.
     train_pairwise_max_atoms: int = 0
+    # global inputs per structure (forward input `charge_spin`): the total charge in e and the
+    # spin multiplicity 2S+1, embedded into every atom's initial features
+    charge_input: bool = False
+    spin_input: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -45,6 +49,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
         if self.b_max is None and self.use_efa:
             self.b_max = safe_b_max(self.grid_points)
+
+    @property
+    def global_inputs(self) -> list[str]:
+        """The global inputs the model takes: a subset of ["charge", "spin"], in that order."""
+        return [name for name, on in (("charge", self.charge_input), ("spin", self.spin_input)) if on]
 
     @property
     def periodic(self) -> bool:

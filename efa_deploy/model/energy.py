@@ -2,7 +2,7 @@
 per-atom energy readout with per-element shifts; forces by autograd."""
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -138,13 +138,22 @@ class EnergyModel(nn.Module):
         edge_index[0] sends to edge_index[1]; the edge vector is
         positions[sender] - positions[receiver] + edge_shift.
         """
+        return self.atomic_energies(positions, species, edge_index, edge_shift, batch, n_structures, owned, None)
+
+    def initial_features(self, species: Tensor, batch: Tensor, charge_spin: Optional[Tensor]) -> Tensor:
+        return self.embedding(species)
+
+    def atomic_energies(
+        self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+        batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Optional[Tensor],
+    ) -> Tensor:
         sender, receiver = edge_index[0], edge_index[1]
         d = positions[sender] - positions[receiver] + edge_shift
         r = torch.sqrt(torch.sum(d * d, dim=1))
         unit = d / r.unsqueeze(1)
         rbf, envelope = self.radial(r)
         n = positions.shape[0]
-        x = self.embedding(species)
+        x = self.initial_features(species, batch, charge_spin)
         vec = torch.zeros(n, 3, self.features, dtype=x.dtype, device=x.device)
         last = len(self.layers) - 1
         for t, layer in enumerate(self.layers):
@@ -157,18 +166,50 @@ class EnergyModel(nn.Module):
         return energy * owned
 
 
+class ChargedEnergyModel(EnergyModel):
+    """EnergyModel with an eighth input, `charge_spin` (n_structures, 2): each structure's total
+    charge (e) and spin multiplicity 2S+1. A learned linear embedding of (Q, M - 1) is added to
+    the initial features of every atom of the structure, so the local layers and EFA both see
+    it; the column of an input the config does not ask for is ignored."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        self.global_embedding = nn.Linear(2, config.features, bias=False)
+        self.charge_weight = 1.0 if config.charge_input else 0.0
+        self.spin_weight = 1.0 if config.spin_input else 0.0
+
+    def forward(
+        self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+        batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Tensor,
+    ) -> Tensor:
+        """Per-atom energies (N,) as EnergyModel.forward, for the total charge and multiplicity
+        of each structure in charge_spin (n_structures, 2)."""
+        return self.atomic_energies(positions, species, edge_index, edge_shift, batch, n_structures, owned,
+                                    charge_spin)
+
+    def initial_features(self, species: Tensor, batch: Tensor, charge_spin: Optional[Tensor]) -> Tensor:
+        x = self.embedding(species)
+        if charge_spin is None:
+            raise RuntimeError("this model takes charge_spin (n_structures, 2): total charge and spin multiplicity")
+        values = torch.stack([charge_spin[:, 0] * self.charge_weight, (charge_spin[:, 1] - 1.0) * self.spin_weight], 1)
+        return x + self.global_embedding(values.to(x.dtype))[batch]
+
+
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float64) -> EnergyModel:
-    return EnergyModel(config).to(dtype)
+    """The model a config describes: ChargedEnergyModel when it takes a total charge or spin."""
+    return (ChargedEnergyModel if config.global_inputs else EnergyModel)(config).to(dtype)
 
 
 def energy_and_forces(
     model: nn.Module, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
-    batch: Tensor, n_structures: int, owned: Tensor, create_graph: bool = False,
+    batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Tensor | None = None, create_graph: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Energy per structure (B,), forces (N, 3) and per-atom energies (N,)."""
+    """Energy per structure (B,), forces (N, 3) and per-atom energies (N,); charge_spin only
+    for models that take it (Graph.inputs() holds it when the graph carries it)."""
     if not positions.requires_grad:
         positions = positions.detach().requires_grad_(True)
-    atomic = model(positions, species, edge_index, edge_shift, batch, n_structures, owned)
+    inputs = (positions, species, edge_index, edge_shift, batch, n_structures, owned)
+    atomic = model(*inputs) if charge_spin is None else model(*inputs, charge_spin)
     energy = torch.zeros(n_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch, atomic)
     (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph)
     return energy, -grad, atomic
