@@ -88,7 +88,7 @@ def sn2_path(p: Prediction) -> dict:
 
 def charge_errors(p: Prediction) -> dict:
     """Energy MAE of the neutral pairs and of the cations."""
-    charge = np.array([a.info["total_charge"] for a in p.structures])
+    charge = np.array([a.info["charge"] for a in p.structures])
     error = np.abs(p.energy - p.reference)
     out = {"energy MAE, neutral (eV)": f"{error[charge == 0].mean():.4f}"} if np.any(charge == 0) else {}
     return {**out, "energy MAE, cations (eV)": f"{error[charge == 1].mean():.4f}"}
