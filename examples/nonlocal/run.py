@@ -125,7 +125,7 @@ BENCHMARKS = {
         "charge_transfer.yaml", minutes=8.0, analysis=charge_errors,
         variants={"local": ["--no-efa"], "efa": ["--efa"]},
         description="Two ethylene molecules 4.5-8 A apart, neutral or radical cation (total charge a model input "
-                    "of both models), GFN2-xTB; test split 600 of the independent draws, 8 minutes of training per "
+                    "of both models), GFN2-xTB; test split 560 of the 2863 independent draws, 8 minutes of training per "
                     "model."),
 }
 
