@@ -25,7 +25,7 @@ def model_energies(checkpoint: Path, structures) -> np.ndarray:
 
     from efa_deploy.graph import batch_graph
     from efa_deploy.model import energy_and_forces
-    from efa_deploy.train import load_checkpoint, model_from_checkpoint
+    from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
 
     model, config = model_from_checkpoint(load_checkpoint(checkpoint), "ema")
     graph = batch_graph(structures, config.atomic_numbers, config.cutoff, model.energy_shift.dtype)
