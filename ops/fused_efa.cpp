@@ -167,125 +167,164 @@ void for_each_chunk(const char *op, const Tensor &batch, int64_t n_structures, i
   if (!atoms.empty()) body(current, atoms);
 }
 
-// One atom's rotations: cos and sin of omega_m (u_g . r) into c and s (M x G each).
+// One atom's rotations as a table of cos rows then sin rows (G each) of its distinct angles:
+// on a ladder, n * base * (u_g . r) for n = 0 .. top (row n); otherwise omega_m (u_g . r) per
+// channel (row m). Channel m reads row row_of[m]. Every loop runs over g, so it vectorises.
 template <typename T>
 class Rotations {
  public:
-  Rotations(const Frequencies &f, const Tensor &directions, int64_t m)
-      : f_(f), dirs_(directions.data_ptr<T>()), m_(m), g_(directions.size(0)), cn_(f.top + 1), sn_(f.top + 1)
+  Rotations(const Frequencies &f, const Tensor &directions)
+      : f_(f),
+        ladder_(!f.multiple.empty()),
+        rows_(ladder_ ? f.top + 1 : int64_t(f.omega.size())),
+        g_(directions.size(0)),
+        axes_(3 * g_),
+        p_(g_)
   {
+    const Tensor d = directions.contiguous();
+    const T *u = d.data_ptr<T>();
+    for (int64_t g = 0; g < g_; ++g)
+      for (int k = 0; k < 3; ++k) axes_[k * g_ + g] = u[3 * g + k];
+    for (size_t m = 0; m < f.omega.size(); ++m) row_of_.push_back(ladder_ ? f.multiple[m] : int64_t(m));
   }
 
-  void operator()(const T *r, T *__restrict__ c, T *__restrict__ s)
+  int64_t table_size() const { return 2 * rows_ * g_; }
+  const T *cos_row(const T *table, int64_t m) const { return table + row_of_[m] * g_; }
+  const T *sin_row(const T *table, int64_t m) const { return table + (rows_ + row_of_[m]) * g_; }
+  const T *axis(int k) const { return axes_.data() + k * g_; }
+
+  void operator()(const T *r, T *table)
   {
-    const bool ladder = !f_.multiple.empty();
-    for (int64_t g = 0; g < g_; ++g) {
-      const T p = dirs_[3 * g] * r[0] + dirs_[3 * g + 1] * r[1] + dirs_[3 * g + 2] * r[2];
-      if (ladder) {
-        const T t = T(f_.base) * p, c1 = std::cos(t), s1 = std::sin(t);
-        cn_[0] = 1;
-        sn_[0] = 0;
-        for (int64_t n = 1; n <= f_.top; ++n) {
-          cn_[n] = cn_[n - 1] * c1 - sn_[n - 1] * s1;
-          sn_[n] = sn_[n - 1] * c1 + cn_[n - 1] * s1;
-        }
-        for (int64_t m = 0; m < m_; ++m) {
-          c[m * g_ + g] = cn_[f_.multiple[m]];
-          s[m * g_ + g] = sn_[f_.multiple[m]];
-        }
-      } else {
-        for (int64_t m = 0; m < m_; ++m) {
-          const T t = T(f_.omega[m]) * p;
-          c[m * g_ + g] = std::cos(t);
-          s[m * g_ + g] = std::sin(t);
-        }
+    const T *ux = axis(0), *uy = axis(1), *uz = axis(2);
+    T *__restrict__ p = p_.data();
+    for (int64_t g = 0; g < g_; ++g) p[g] = ux[g] * r[0] + uy[g] * r[1] + uz[g] * r[2];
+    T *c = table, *s = table + rows_ * g_;
+    if (!ladder_) {
+      for (int64_t m = 0; m < rows_; ++m) angles(T(f_.omega[m]), p, c + m * g_, s + m * g_);
+      return;
+    }
+    std::fill(c, c + g_, T(1));
+    std::fill(s, s + g_, T(0));
+    if (rows_ == 1) return;
+    const T *__restrict__ c1 = c + g_;
+    const T *__restrict__ s1 = s + g_;
+    angles(T(f_.base), p, c + g_, s + g_);
+    for (int64_t n = 2; n < rows_; ++n) {  // angle addition: (n - 1) t + t
+      const T *__restrict__ cp = c + (n - 1) * g_;
+      const T *__restrict__ sp = s + (n - 1) * g_;
+      T *__restrict__ cn = c + n * g_;
+      T *__restrict__ sn = s + n * g_;
+      for (int64_t g = 0; g < g_; ++g) {
+        cn[g] = cp[g] * c1[g] - sp[g] * s1[g];
+        sn[g] = sp[g] * c1[g] + cp[g] * s1[g];
       }
     }
   }
 
-  const T *directions() const { return dirs_; }
-
  private:
+  void angles(T omega, const T *__restrict__ p, T *__restrict__ c, T *__restrict__ s) const
+  {
+    for (int64_t g = 0; g < g_; ++g) {
+      const T t = omega * p[g];
+      c[g] = std::cos(t);
+      s[g] = std::sin(t);
+    }
+  }
+
   const Frequencies &f_;
-  const T *dirs_;
-  int64_t m_, g_;
-  std::vector<T> cn_, sn_;
+  const bool ladder_;
+  const int64_t rows_, g_;
+  std::vector<T> axes_, p_;  // directions as x, y, z rows; u_g . r
+  std::vector<int64_t> row_of_;
 };
 
-// One atom's coefficient row A (M x G x 2) from its rotations and channels ch (M x 2).
+// One atom's coefficient row A (M x G x 2) from its rotation table and channels ch (M x 2).
 template <typename T>
-void coefficient_row(int64_t m_count, int64_t g_count, const T *__restrict__ c, const T *__restrict__ s,
+void coefficient_row(const Rotations<T> &rot, int64_t m_count, int64_t g_count, const T *table,
                      const T *__restrict__ ch, T *__restrict__ row)
 {
   for (int64_t m = 0; m < m_count; ++m) {
     const T a0 = ch[2 * m], a1 = ch[2 * m + 1];
-    const T *cm = c + m * g_count, *sm = s + m * g_count;
-    T *out = row + 2 * m * g_count;
+    const T *__restrict__ c = rot.cos_row(table, m);
+    const T *__restrict__ s = rot.sin_row(table, m);
+    T *__restrict__ out = row + 2 * m * g_count;
     for (int64_t g = 0; g < g_count; ++g) {
-      out[2 * g] = cm[g] * a0 - sm[g] * a1;
-      out[2 * g + 1] = -(cm[g] * a1 + sm[g] * a0);
+      out[2 * g] = c[g] * a0 - s[g] * a1;
+      out[2 * g + 1] = -(c[g] * a1 + s[g] * a0);
     }
   }
 }
 
+constexpr int64_t kLanes = 8;  // independent partial sums, so the sums over g vectorise
+
 // The gradient of one atom's row (grow, M x G x 2) -> its channels' gradient (gch, M x 2) and
 // position gradient (gr, 3). dA/dtheta = (A_im, -A_re); gp (G) is scratch.
 template <typename T>
-void row_backward(const Frequencies &f, const T *__restrict__ dirs, int64_t g_count, const T *__restrict__ c,
-                  const T *__restrict__ s, const T *__restrict__ ch, const T *__restrict__ grow, T *__restrict__ gch,
-                  T *__restrict__ gr, T *__restrict__ gp)
+void row_backward(const Rotations<T> &rot, const std::vector<double> &omega, int64_t g_count, const T *table,
+                  const T *__restrict__ ch, const T *__restrict__ grow, T *__restrict__ gch, T *__restrict__ gr,
+                  T *__restrict__ gp)
 {
   std::fill(gp, gp + g_count, T(0));
-  const int64_t m_count = int64_t(f.omega.size());
-  for (int64_t m = 0; m < m_count; ++m) {
-    const T a0 = ch[2 * m], a1 = ch[2 * m + 1], w = T(f.omega[m]);
-    const T *cm = c + m * g_count, *sm = s + m * g_count, *gm = grow + 2 * m * g_count;
-    T g0 = 0, g1 = 0;
-    for (int64_t g = 0; g < g_count; ++g) {
+  const int64_t blocked = g_count - g_count % kLanes;
+  for (int64_t m = 0; m < int64_t(omega.size()); ++m) {
+    const T a0 = ch[2 * m], a1 = ch[2 * m + 1], w = T(omega[m]);
+    const T *__restrict__ c = rot.cos_row(table, m);
+    const T *__restrict__ s = rot.sin_row(table, m);
+    const T *__restrict__ gm = grow + 2 * m * g_count;
+    T g0[kLanes] = {}, g1[kLanes] = {};
+    auto term = [&](int64_t g, T &sum0, T &sum1) {
       const T gre = gm[2 * g], gim = gm[2 * g + 1];
-      const T are = cm[g] * a0 - sm[g] * a1, aim = -(cm[g] * a1 + sm[g] * a0);
-      g0 += gre * cm[g] - gim * sm[g];
-      g1 -= gre * sm[g] + gim * cm[g];
+      const T are = c[g] * a0 - s[g] * a1, aim = -(c[g] * a1 + s[g] * a0);
+      sum0 += gre * c[g] - gim * s[g];
+      sum1 -= gre * s[g] + gim * c[g];
       gp[g] += w * (gre * aim - gim * are);
+    };
+    for (int64_t g = 0; g < blocked; g += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) term(g + l, g0[l], g1[l]);
+    for (int64_t g = blocked; g < g_count; ++g) term(g, g0[0], g1[0]);
+    T sum0 = 0, sum1 = 0;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      sum0 += g0[l];
+      sum1 += g1[l];
     }
-    gch[2 * m] = g0;
-    gch[2 * m + 1] = g1;
+    gch[2 * m] = sum0;
+    gch[2 * m + 1] = sum1;
   }
-  T x = 0, y = 0, z = 0;
-  for (int64_t g = 0; g < g_count; ++g) {
-    x += gp[g] * dirs[3 * g];
-    y += gp[g] * dirs[3 * g + 1];
-    z += gp[g] * dirs[3 * g + 2];
+  for (int k = 0; k < 3; ++k) {
+    const T *__restrict__ u = rot.axis(k);
+    T acc[kLanes] = {};
+    for (int64_t g = 0; g < blocked; g += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) acc[l] += gp[g + l] * u[g + l];
+    for (int64_t g = blocked; g < g_count; ++g) acc[0] += gp[g] * u[g];
+    T sum = 0;
+    for (int64_t l = 0; l < kLanes; ++l) sum += acc[l];
+    gr[k] = sum;
   }
-  gr[0] = x;
-  gr[1] = y;
-  gr[2] = z;
 }
 
 // Per-call state of either stage: the frequencies, rotations and a chunk's scratch rows.
 template <typename T>
 struct Chunks {
-  Chunks(const Sizes &z, const Tensor &omega, const Tensor &directions_in, const at::TensorOptions &options)
+  Chunks(const Sizes &z, const Tensor &omega, const Tensor &directions, const at::TensorOptions &options)
       : z(z),
         f(frequencies_of(omega)),
-        directions(directions_in.to(options.dtype()).contiguous()),
-        rotations(f, directions, z.channels),
+        rotations(f, directions.to(options.dtype())),
         rows(chunk_rows(z, sizeof(T))),
         a(at::empty({rows, z.width()}, options)),
-        cos_sin(at::empty({rows, 2, z.channels * z.directions}, options))
+        tables(at::empty({rows, rotations.table_size()}, options))
   {
   }
 
-  // rotations (kept for backward) and coefficient rows of `atoms`
+  // rotation tables (kept for backward) and coefficient rows of `atoms`
   void make_rows(const std::vector<int64_t> &atoms, const T *pos, const T *channels)
   {
-    const int64_t mg = z.channels * z.directions;
-    T *row = a.data_ptr<T>(), *cs = cos_sin.data_ptr<T>();
+    T *row = a.data_ptr<T>(), *table = tables.data_ptr<T>();
+    const int64_t size = rotations.table_size();
     for (size_t k = 0; k < atoms.size(); ++k) {
       const int64_t i = atoms[k];
-      T *c = cs + 2 * k * mg, *s = c + mg;
-      rotations(pos + 3 * i, c, s);
-      coefficient_row(z.channels, z.directions, c, s, channels + 2 * z.channels * i, row + k * z.width());
+      rotations(pos + 3 * i, table + k * size);
+      coefficient_row(rotations, z.channels, z.directions, table + k * size, channels + 2 * z.channels * i,
+                      row + k * z.width());
     }
   }
 
@@ -293,13 +332,12 @@ struct Chunks {
   void rows_backward(const std::vector<int64_t> &atoms, const T *channels, const T *grad_rows, T *g_channels,
                      T *g_positions)
   {
-    const int64_t mg = z.channels * z.directions;
-    const T *cs = cos_sin.data_ptr<T>();
+    const T *table = tables.data_ptr<T>();
+    const int64_t size = rotations.table_size();
     std::vector<T> gp(z.directions);
     for (size_t k = 0; k < atoms.size(); ++k) {
       const int64_t i = atoms[k];
-      const T *c = cs + 2 * k * mg;
-      row_backward(f, rotations.directions(), z.directions, c, c + mg, channels + 2 * z.channels * i,
+      row_backward(rotations, f.omega, z.directions, table + k * size, channels + 2 * z.channels * i,
                    grad_rows + k * z.width(), g_channels + 2 * z.channels * i, g_positions + 3 * i, gp.data());
     }
   }
@@ -308,10 +346,9 @@ struct Chunks {
 
   const Sizes z;
   const Frequencies f;
-  const Tensor directions;
   Rotations<T> rotations;
   const int64_t rows;
-  Tensor a, cos_sin;
+  Tensor a, tables;
 };
 
 // KV[b] as a (2MG, D) matrix
