@@ -19,7 +19,9 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <map>
 #include <tuple>
 #include <vector>
 
@@ -185,6 +187,21 @@ class Rotations {
     const T *u = d.data_ptr<T>();
     for (int64_t g = 0; g < g_; ++g)
       for (int k = 0; k < 3; ++k) axes_[k * g_ + g] = u[3 * g + k];
+    // Lebedev rules hold every direction with its opposite, whose angle is the negative (u . r
+    // negates exactly): one sin/cos serves both
+    opposite_.assign(g_, -1);
+    second_.assign(g_, false);
+    std::map<std::array<T, 3>, int64_t> unpaired;
+    for (int64_t g = 0; g < g_; ++g) {
+      const auto other = unpaired.find({-u[3 * g], -u[3 * g + 1], -u[3 * g + 2]});
+      if (other != unpaired.end()) {
+        opposite_[other->second] = g;
+        second_[g] = true;
+        unpaired.erase(other);
+      } else {
+        unpaired[{u[3 * g], u[3 * g + 1], u[3 * g + 2]}] = g;
+      }
+    }
     for (size_t m = 0; m < f.omega.size(); ++m) row_of_.push_back(ladder_ ? f.multiple[m] : int64_t(m));
   }
 
@@ -225,9 +242,14 @@ class Rotations {
   void angles(T omega, const T *__restrict__ p, T *__restrict__ c, T *__restrict__ s) const
   {
     for (int64_t g = 0; g < g_; ++g) {
+      if (second_[g]) continue;
       const T t = omega * p[g];
       c[g] = std::cos(t);
       s[g] = std::sin(t);
+      if (opposite_[g] >= 0) {
+        c[opposite_[g]] = c[g];
+        s[opposite_[g]] = -s[g];
+      }
     }
   }
 
@@ -235,7 +257,8 @@ class Rotations {
   const bool ladder_;
   const int64_t rows_, g_;
   std::vector<T> axes_, p_;  // directions as x, y, z rows; u_g . r
-  std::vector<int64_t> row_of_;
+  std::vector<int64_t> row_of_, opposite_;  // opposite_[g]: the later direction -u_g, or -1
+  std::vector<bool> second_;                // u_g is the opposite of an earlier direction
 };
 
 // One atom's coefficient row A (M x G x 2) from its rotation table and channels ch (M x 2).
