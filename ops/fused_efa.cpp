@@ -34,7 +34,7 @@ using torch::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kScratchBytes = 256 * 1024;  // one chunk's coefficient rows (L2-sized)
+constexpr int64_t kScratchBytes = 128 * 1024;  // one chunk's coefficient rows (L2-sized)
 constexpr int64_t kLongestLadder = 256;        // more multiples than this: sin/cos per channel
 constexpr const char *kNoDoubleBackward =
     "efa::attention_keys / efa::attention_queries (the fused EFA block used by exported models) have no second "
