@@ -32,13 +32,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efa_scaling import DENSITY, FEATURES, GRID_POINTS, NUM_FREQUENCIES, VALUE_DIM, cpu_model  # noqa: E402
+from efa_scaling import (DENSITY, FEATURES, GRID_POINTS, NUM_FREQUENCIES, VALUE_DIM, cpu_model,  # noqa: E402
+                         repeat_timed)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = [1000, 10000, 100000, 1000000]
 PATHS = ["reference", "fused"]
 REFERENCE_BYTES_PER_ATOM = 30e3  # the reference's peak at 1e5 atoms, float32, rounded up: skips what will not fit
-MIN_REPEATS, MIN_SECONDS, MAX_REPEATS = 3, 2.0, 20
 CASE_TIMEOUT = 580
 
 
@@ -90,16 +90,8 @@ def run_case(path: str, n: int) -> dict:
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step(record=True)  # warm-up, and what is saved for backward
-    times = []
-    start = time.perf_counter()
-    while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or time.perf_counter() - start < MIN_SECONDS):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-        if times[-1] > 20.0:
-            break
+    times = repeat_timed(step)
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times.sort()
     m, g, d = NUM_FREQUENCIES, GRID_POINTS, VALUE_DIM
     return {"path": path, "n": n, "min_s": times[0], "median_s": times[len(times) // 2], "repeats": len(times),
             "saved_bytes": sum(saved.values()), "peak_bytes": max(rss_after - rss_before, 0),

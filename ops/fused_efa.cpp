@@ -23,6 +23,7 @@
 #include <cmath>
 #include <map>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "fused_autograd.h"
@@ -561,6 +562,23 @@ void check_constants(const char *op, const Tensor &omega, const Tensor &directio
               ": omega and directions are the model's constant buffers and must not require grad");
 }
 
+// A stage's backward: its backward operator on (grad, the saved inputs...) gives the gradients
+// of the first three inputs (of `inputs`), which may not be differentiated again.
+template <typename Signature, size_t... Saved>
+variable_list stage_backward(const char *name, AutogradContext *ctx, const Tensor &grad, size_t inputs,
+                             std::index_sequence<Saved...>)
+{
+  const variable_list s = ctx->get_saved_variables();
+  variable_list out(inputs);
+  if (!grad.defined()) return out;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(out[0], out[1], out[2]) = typed_op<Signature>(name).call(grad, s[Saved]...);
+  }
+  forbid_double_backward(kNoDoubleBackward, out, {grad, s[0], s[1], s[2], s[3]});
+  return out;
+}
+
 struct AttentionKeys : public torch::autograd::Function<AttentionKeys> {
   static Tensor forward(AutogradContext *ctx, const Tensor &positions, const Tensor &keys, const Tensor &values,
                         const Tensor &owned, const Tensor &batch, int64_t n_structures, const Tensor &omega,
@@ -575,16 +593,8 @@ struct AttentionKeys : public torch::autograd::Function<AttentionKeys> {
 
   static variable_list backward(AutogradContext *ctx, variable_list grads)
   {
-    static const auto op = typed_op<KeysBackwardSignature>("efa::attention_keys_backward");
-    const variable_list s = ctx->get_saved_variables();
-    variable_list out(8);
-    if (!grads[0].defined()) return out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out[0], out[1], out[2]) = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6]);
-    }
-    forbid_double_backward(kNoDoubleBackward, out, {grads[0], s[0], s[1], s[2], s[3]});
-    return out;
+    return stage_backward<KeysBackwardSignature>("efa::attention_keys_backward", ctx, grads[0], 8,
+                                                 std::make_index_sequence<7>{});
   }
 };
 
@@ -601,16 +611,8 @@ struct AttentionQueries : public torch::autograd::Function<AttentionQueries> {
 
   static variable_list backward(AutogradContext *ctx, variable_list grads)
   {
-    static const auto op = typed_op<QueriesBackwardSignature>("efa::attention_queries_backward");
-    const variable_list s = ctx->get_saved_variables();
-    variable_list out(6);
-    if (!grads[0].defined()) return out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out[0], out[1], out[2]) = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5]);
-    }
-    forbid_double_backward(kNoDoubleBackward, out, {grads[0], s[0], s[1], s[2]});
-    return out;
+    return stage_backward<QueriesBackwardSignature>("efa::attention_queries_backward", ctx, grads[0], 6,
+                                                    std::make_index_sequence<6>{});
   }
 };
 
