@@ -15,8 +15,9 @@ passes (includes temporaries and allocator caching; OS granularity).
 The matmul rate: the same process times a float32 (2048 x 2048) @ (2048 x 2048) product; the
 fused block's share is the FLOPs of its six BLAS products per pass over that rate.
 
-Usage:  taskset -c 0 python benchmarks/fused_efa.py [--sizes 1000 10000 100000 1000000]
-Writes benchmarks/results/fused_efa_<date>.md and .json.
+Usage:  taskset -c 0 python benchmarks/fused_efa.py [--sizes 1000 10000 100000 1000000] [--malloc keep]
+Writes benchmarks/results/fused_efa_<date>[_keep].md and .json. `--malloc keep` runs the cases with
+EFA_DEPLOY_MALLOC=keep (glibc keeps large freed blocks: no page faults for every big tensor).
 """
 
 from __future__ import annotations
@@ -98,9 +99,9 @@ def run_case(path: str, n: int) -> dict:
             "blas_flops": 6 * 2 * (2 * m * g) * d * n, "matmul_flops_per_s": matmul_rate()}
 
 
-def run_in_subprocess(path: str, n: int) -> dict:
+def run_in_subprocess(path: str, n: int, malloc: str) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--case", path, str(n)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", EFA_DEPLOY_MALLOC=malloc)
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=CASE_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -115,7 +116,7 @@ def available_memory() -> float:
         return next(float(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
 
 
-def markdown(results: list[dict], load: tuple, elapsed: float) -> str:
+def markdown(results: list[dict], load: tuple, elapsed: float, malloc: str) -> str:
     def find(path, n):
         return next((r for r in results if r["path"] == path and r["n"] == n), None)
 
@@ -137,7 +138,9 @@ def markdown(results: list[dict], load: tuple, elapsed: float) -> str:
         "atom that autograd keeps for backward (saved_tensors_hooks; distinct storages, less inputs, parameters and "
         "buffers). Peak: growth of the peak resident set during the passes, per atom. BLAS share: the fused path's six "
         "products per pass (12 x 2MG x Dv FLOPs per atom) over its time, as a fraction of the same process's float32 "
-        "2048^3 matmul rate.",
+        f"2048^3 matmul rate. Allocator: EFA_DEPLOY_MALLOC={malloc}"
+        + (" (glibc keeps large freed blocks)." if malloc == "keep" else " (glibc's default: blocks above 32 MB are "
+           "unmapped when freed and fault in again on the next pass)."),
         "",
         "| N | reference us/atom | fused us/atom | speed-up | reference saved B/atom | fused saved B/atom "
         "| reference peak B/atom | fused peak B/atom | fused BLAS share of matmul rate |",
@@ -174,6 +177,7 @@ def markdown(results: list[dict], load: tuple, elapsed: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=SIZES)
+    parser.add_argument("--malloc", choices=["system", "keep"], default="system", help="EFA_DEPLOY_MALLOC of the cases")
     parser.add_argument("--case", nargs=2, metavar=("PATH", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -186,13 +190,13 @@ def main() -> None:
             if path == "reference" and n * REFERENCE_BYTES_PER_ATOM > 0.6 * available_memory():
                 result = {"path": path, "n": n, "status": f"skipped (needs ~{n * REFERENCE_BYTES_PER_ATOM / 1e9:.0f} GB)"}
             else:
-                result = run_in_subprocess(path, n)
+                result = run_in_subprocess(path, n, args.malloc)
             print(json.dumps(result), flush=True)
             results.append(result)
-    report = markdown(results, load, time.perf_counter() - start)
+    report = markdown(results, load, time.perf_counter() - start, args.malloc)
     print(report)
     RESULTS.mkdir(exist_ok=True)
-    stem = RESULTS / f"fused_efa_{time.strftime('%Y-%m-%d')}"
+    stem = RESULTS / f"fused_efa_{time.strftime('%Y-%m-%d')}{'_keep' if args.malloc == 'keep' else ''}"
     stem.with_suffix(".md").write_text(report)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {stem}.md and .json")
