@@ -22,7 +22,7 @@ from efa_deploy.model.lebedev import lebedev_grid
 from efa_deploy.ops import ATTENTION_SCHEMAS
 from efa_deploy.paths import OPS_LIBRARY
 
-from conftest import jittered_cluster, randomised_model
+from conftest import randomised_model
 from fused_helpers import assert_close, fused_and_reference, water_cluster
 
 pytestmark = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")

@@ -19,7 +19,7 @@ cancels in any linear sum over its two hydrogens, sum_j d_j = 0, but not in sum_
 """
 
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
