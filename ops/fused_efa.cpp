@@ -12,8 +12,9 @@
 // The rows of a chunk of atoms are made in a scratch buffer that stays in cache, and each stage
 // is then one BLAS product per chunk: nothing per atom x grid outlives its chunk. Rotations:
 // when the frequencies are integer multiples of the smallest (omega_m = n_m omega_1, as the
-// model's evenly spaced ones are), one sin/cos per atom and direction and the angle-addition
-// recurrence; otherwise sin/cos per channel. Backward saves only the inputs and recomputes the
+// model's evenly spaced ones are), one sin/cos per atom and direction (and one per pair of
+// opposite directions, which Lebedev rules hold) and the angle-addition recurrence; otherwise
+// sin/cos per channel. Backward saves only the inputs and recomputes the
 // rows. First derivatives only: a double backward raises (training keeps the reference path).
 #include <torch/library.h>
 #include <torch/torch.h>
