@@ -73,7 +73,19 @@ def run_case(form: str, n: int, threads: int) -> dict:
 
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     step()  # warm-up (also the memory peak)
-    times = []
+    times = repeat_timed(step)
+    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "form": form, "n": n, "threads": threads, "edge": edge, "r_max": r_max,
+        "median_s": times[len(times) // 2], "min_s": times[0], "repeats": len(times),
+        "peak_bytes": max(rss_after - rss_before, 0),
+    }
+
+
+def repeat_timed(step) -> list[float]:
+    """Sorted wall times of step(): at least MIN_REPEATS runs and MIN_SECONDS, at most MAX_REPEATS;
+    once a run is slow (SLOW_LIMIT / 4), no more."""
+    times: list[float] = []
     start = time.perf_counter()
     while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or time.perf_counter() - start < MIN_SECONDS):
         t0 = time.perf_counter()
@@ -81,13 +93,7 @@ def run_case(form: str, n: int, threads: int) -> dict:
         times.append(time.perf_counter() - t0)
         if times[-1] > SLOW_LIMIT / 4:  # slow case: a single timed run after the warm-up is enough
             break
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times.sort()
-    return {
-        "form": form, "n": n, "threads": threads, "edge": edge, "r_max": r_max,
-        "median_s": times[len(times) // 2], "min_s": times[0], "repeats": len(times),
-        "peak_bytes": max(rss_after - rss_before, 0),
-    }
+    return sorted(times)
 
 
 def run_in_subprocess(form: str, n: int, threads: int) -> dict:

@@ -92,7 +92,7 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
                     overwrite: bool = False, fused: bool = True) -> dict:
     """Script the model and write it with its metadata atomically; returns the metadata.
     Refuses weights or metadata that hold NaN or inf. `fused=False` keeps the reference message
-    passing in the file (tests compare the two)."""
+    passing and EFA in the file (tests compare the two)."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force (overwrite=True) to replace it")
@@ -101,7 +101,7 @@ def save_model_file(model: EnergyModel, config: ModelConfig, path: str | os.Path
     _check_finite_weights(model)
     if config.use_efa and model.grid_size() != config.grid_points:
         model.set_grid_size(config.grid_points)  # a file starts on its training grid
-    use_fused(model.eval(), fused)  # inference: the fused message operator (first derivatives only)
+    use_fused(model.eval(), fused)  # inference: the fused message and EFA operators (first derivatives only)
     try:
         scripted = torch.jit.script(model)
     finally:

@@ -7,7 +7,9 @@ are registered here in pure torch, with the same schemas and adjoints, so that m
 train, script and export anywhere. Both carry shape-only (fake) kernels for torch.export.
 
 efa::message is the fused local message step (ops/fused_message.cpp); its pure-torch
-registration is the reference, efa_deploy.model.local.message_passing.
+registration is the reference, efa_deploy.model.local.message_passing. Likewise
+efa::attention_keys / attention_queries, the fused EFA stages (ops/fused_efa.cpp), are
+efa_deploy.model.erope.key_value_sums / query_contraction in pure torch.
 """
 
 import os
@@ -20,6 +22,12 @@ from .paths import OPS_LIBRARY
 ADJOINTS = {"global_sum": "global_sum", "forward_ghosts": "reverse_ghosts", "reverse_ghosts": "forward_ghosts"}
 MESSAGE_SCHEMA = ("message(Tensor filter, Tensor vec, Tensor rbf, Tensor weight, Tensor bias, Tensor envelope, "
                   "Tensor unit, Tensor sender, Tensor receiver) -> (Tensor, Tensor)")
+ATTENTION_SCHEMAS = {
+    "attention_keys": "attention_keys(Tensor positions, Tensor keys, Tensor values, Tensor owned, Tensor batch, "
+                      "int n_structures, Tensor omega, Tensor directions) -> Tensor",
+    "attention_queries": "attention_queries(Tensor positions, Tensor queries, Tensor kv, Tensor batch, Tensor omega, "
+                         "Tensor directions) -> Tensor",
+}
 
 _loaded = False
 _library = None  # keeps the pure-torch registrations alive
@@ -35,10 +43,16 @@ def _register_pure_torch() -> None:
     for name, adjoint in ADJOINTS.items():
         adjoint_op = getattr(torch.ops.efa, adjoint)
         torch.library.register_autograd(f"efa::{name}", lambda ctx, grad, op=adjoint_op: op(grad), lib=_library)
-    from .model.local import message_passing  # here: the model package imports this module
+    # imported here: the model package imports this module
+    from .model.erope import key_value_sums, query_contraction
+    from .model.local import message_passing
 
-    _library.define(MESSAGE_SCHEMA)
-    _library.impl("message", message_passing, "CompositeImplicitAutograd")  # autograd and meta by decomposition
+    # autograd and meta by decomposition
+    for name, schema, reference in (("message", MESSAGE_SCHEMA, message_passing),
+                                    ("attention_keys", ATTENTION_SCHEMAS["attention_keys"], key_value_sums),
+                                    ("attention_queries", ATTENTION_SCHEMAS["attention_queries"], query_contraction)):
+        _library.define(schema)
+        _library.impl(name, reference, "CompositeImplicitAutograd")
 
 
 def called_operators(module: torch.jit.ScriptModule) -> list[str]:

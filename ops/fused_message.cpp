@@ -9,15 +9,13 @@
 // chunk of edges at a time into a scratch buffer, used and dropped. Backward saves only the
 // inputs and recomputes the chunk's radial weights. First derivatives only: a double
 // backward raises (training with a force loss keeps the reference path).
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <array>
-#include <type_traits>
+
+#include "fused_autograd.h"
 
 namespace efa {
 namespace {
@@ -289,36 +287,6 @@ using BackwardSignature = Grads(const Tensor &, const Tensor &, const Tensor &, 
                                 const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
                                 const Tensor &, std::array<bool, 3>);
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> typed_op(const char *name)
-{
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-// Graph nodes are held by c10::intrusive_ptr in newer torch, by std::shared_ptr in older.
-template <typename NodeHandle>
-NodeHandle error_node(const variable_list &used)
-{
-  using ErrorNode = std::conditional_t<true, torch::autograd::Error, NodeHandle>;  // dependent: one branch compiles
-  if constexpr (std::is_same_v<NodeHandle, std::shared_ptr<torch::autograd::Node>>)
-    return std::make_shared<ErrorNode>(kNoDoubleBackward, torch::autograd::collect_next_edges(used));
-  else
-    return c10::make_intrusive<ErrorNode>(kNoDoubleBackward, torch::autograd::collect_next_edges(used));
-}
-
-// A second derivative would need the backward's own derivative, which this operator does not
-// have: when the backward runs with create_graph and anything it used requires grad, its
-// outputs get an Error node, so differentiating them again raises instead of silently treating
-// them as constants.
-void forbid_double_backward(variable_list &outputs, const variable_list &used)
-{
-  if (!at::GradMode::is_enabled() || !torch::autograd::any_variable_requires_grad(used)) return;
-  auto error = error_node<std::decay_t<decltype(std::declval<const Tensor &>().grad_fn())>>(used);
-  for (Tensor &out : outputs) {
-    if (out.defined()) torch::autograd::set_history(out, error);
-  }
-}
-
 struct FusedMessage : public torch::autograd::Function<FusedMessage> {
   static variable_list forward(AutogradContext *ctx, const Tensor &filter, const Tensor &vec, const Tensor &rbf,
                                const Tensor &weight, const Tensor &bias, const Tensor &envelope, const Tensor &unit,
@@ -346,7 +314,7 @@ struct FusedMessage : public torch::autograd::Function<FusedMessage> {
           op.call(grad_dx, grad_dv, filter, vec, saved[2], saved[3], saved[4], saved[5], saved[6], saved[7],
                   saved[8], mask);
     }
-    forbid_double_backward(out, {grad_dx, grad_dv, filter, vec, saved[2], saved[3], saved[4], saved[5], saved[6]});
+    forbid_double_backward(kNoDoubleBackward, out, {grad_dx, grad_dv, filter, vec, saved[2], saved[3], saved[4], saved[5], saved[6]});
     return out;
   }
 };

@@ -1,8 +1,7 @@
 from .config import ModelConfig
 from .efa import EuclideanFastAttention
-from .energy import ChargedEnergyModel, EnergyModel, build_model, energy_and_forces
+from .energy import ChargedEnergyModel, EnergyModel, build_model, energy_and_forces, use_fused
 from .lebedev import SAFE_B_MAX, lebedev_grid
-from .local import use_fused
 
 __all__ = [
     "ChargedEnergyModel",

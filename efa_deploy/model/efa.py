@@ -19,12 +19,13 @@ cancels in any linear sum over its two hydrogens, sum_j d_j = 0, but not in sum_
 """
 
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.efa)
+from .erope import contract_queries, pad, padded_phases, padded_slots, sum_keys_values
 from .lebedev import lebedev_grid
 
 def frequencies(num_pairs: int, b_max: float, r_max: float) -> Tensor:
@@ -49,6 +50,12 @@ def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
 
 
 class EuclideanFastAttention(nn.Module):
+    """`fused` (set by use_fused) selects, on CPU, the fused operators torch.ops.efa.attention_keys
+    and attention_queries (ops/fused_efa.cpp): the same two stages without per-atom x grid
+    tensors, first derivatives only; the reference keeps second derivatives for training."""
+
+    fused: bool
+
     def __init__(
         self,
         features: int,
@@ -72,6 +79,7 @@ class EuclideanFastAttention(nn.Module):
         self.vector_query = nn.Linear(features, 2 * max(num_vector_frequencies, 1), bias=False)
         self.vector_key = nn.Linear(features, 2 * max(num_vector_frequencies, 1), bias=False)
         self.use_silu = qk_activation == "silu"
+        self.fused = False
         self.exact = False  # evaluate the O(N^2) pairwise form instead (tests, benchmarks)
         # in training mode, batches of structures this small take the pairwise form: the same
         # kernel while all pairs are within r_max (checked), and far cheaper for molecules
@@ -146,18 +154,6 @@ class EuclideanFastAttention(nn.Module):
             out.append(torch.sum(tensors.reshape(n, 6, ct) * symmetric_product(u, w) * twice, dim=1))
         return torch.cat(out, dim=1)
 
-    def _phases(self, positions: Tensor) -> Tensor:
-        """(cos, sin) of every atom's ERoPE angle omega_m (u_g . r_i): (N, M, 2, G).
-
-        One matrix product gives theta + (0, -pi/2): its cosine is (cos theta, sin theta)."""
-        m, g = self.omega.numel(), self.grid_points.shape[0]
-        angles = self.omega.reshape(m, 1, 1, 1) * self.grid_points.T.reshape(1, 1, 3, g)  # (M, 1, 3, G)
-        shift = torch.tensor([0.0, -0.5 * math.pi], dtype=self.omega.dtype, device=positions.device).reshape(1, 2, 1, 1).expand(m, 2, 1, g)
-        weights = torch.cat([angles.expand(m, 2, 3, g), shift], dim=2)  # (M, 2, 4, G)
-        weights = weights.permute(2, 0, 1, 3).reshape(4, m * 2 * g).to(positions.dtype)
-        ones = torch.ones_like(positions[:, :1])
-        return torch.cos(torch.cat([positions, ones], dim=1) @ weights).reshape(positions.shape[0], m, 2, g)
-
     def forward(
         self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
     ) -> Tensor:
@@ -169,55 +165,25 @@ class EuclideanFastAttention(nn.Module):
             return self._invariants(self._pairwise(q, k, v, positions, batch, owned), vec)
         if n_structures == 0:
             return self._invariants(v, vec)
-        slot, n_max = self._padded_slots(batch, n_structures)
+        slot, n_max = padded_slots(batch, n_structures)
         if self.training and n_max <= self.train_pairwise_max_atoms:
             return self._invariants(self._pairwise_padded(q, k, v, positions, slot, n_structures, n_max, owned), vec)
-        n, m, d = x.shape[0], self.omega.numel(), v.shape[1]
-        g = self.grid_points.shape[0]
-        # In complex form, with e = exp(i theta): KV_gm = sum_j conj(k_j e_j) v_j and
-        # y_i = sum_gm w_g Re(q_i e_i KV_gm). In reals, (C, S) = (cos, sin) theta:
-        #   [KV_re, KV_im] = sum_j [C_j, S_j] [[k0 v, -k1 v], [-k1 v, -k0 v]]_j
-        #   [Z_re, Z_im]_i = [C_i, S_i] [[KV_re, KV_im], [-KV_im, KV_re]] w,  y_i = sum_m q0 Z_re - q1 Z_im
-        # two batched matrix products per (structure, channel); nothing (N, G, M)-sized is
-        # multiplied elementwise, which is what made training slow.
-        trig = self._phases(positions)  # (N, M, 2, G)
-        k0, k1 = k[:, :, 0], k[:, :, 1]
-        kmat = torch.stack([torch.stack([k0, -k1], dim=2), torch.stack([-k1, -k0], dim=2)], dim=2)  # (N, M, 2, 2)
-        kv_rows = (kmat.unsqueeze(-1) * (v * owned.unsqueeze(1)).reshape(n, 1, 1, 1, d)).reshape(n, m, 2, 2 * d)
-        trig = self._pad(trig, slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, G)
-        kv_rows = self._pad(kv_rows, slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, 2D)
-        b = n_structures
-        kv = trig.reshape(b, m, 2 * n_max, g).transpose(2, 3) @ kv_rows.reshape(b, m, 2 * n_max, 2 * d)
-        kv = torch.ops.efa.global_sum(kv) * self.grid_weights.to(kv.dtype).reshape(1, 1, g, 1)  # (B, M, G, 2D)
-        kv_re, kv_im = kv[..., :d], kv[..., d:]
-        kv = torch.cat([kv, torch.cat([-kv_im, kv_re], dim=3)], dim=2)  # (B, M, 2G, 2D)
-        z = trig.reshape(b, m, n_max, 2 * g) @ kv  # (B, M, Nmax, 2D)
-        z = z.transpose(1, 2).reshape(b * n_max, m, 2 * d)
-        if b > 1:
-            z = z[slot]
-        y = torch.sum(q[:, :, 0:1] * z[:, :, :d] - q[:, :, 1:2] * z[:, :, d:], dim=1)
+        # stage 1 (per-structure sums of this process's owned atoms), the global sum over MPI
+        # ranks, stage 2 (queries contract the sums): erope.py. The fused operators recompute the
+        # rotations in each stage; the reference shares one set of them (B, M, Nmax, 2, G).
+        fused = self.fused and positions.device.type == "cpu"
+        omega, directions = self.omega, self.grid_points
+        trig = positions.new_zeros(0) if fused else padded_phases(positions, omega, directions, slot, n_structures, n_max)
+        if fused:
+            kv = torch.ops.efa.attention_keys(positions, k, v, owned, batch, n_structures, omega, directions)
+        else:
+            kv = sum_keys_values(trig, k, v * owned.unsqueeze(1), slot, n_structures, n_max)
+        kv = torch.ops.efa.global_sum(kv) * self.grid_weights.to(kv.dtype).reshape(1, 1, -1, 1)  # (B, M, G, 2D)
+        if fused:
+            y = torch.ops.efa.attention_queries(positions, q, kv, batch, omega, directions)
+        else:
+            y = contract_queries(trig, q, kv, slot, n_structures, n_max)
         return self._invariants(self.scale * y, vec)
-
-    @staticmethod
-    def _pad(t: Tensor, slot: Tensor, n_structures: int, n_max: int) -> Tensor:
-        """Per-atom rows (N, ...) -> (B, Nmax, ...), zero where a structure has fewer atoms."""
-        if n_structures == 1:
-            return t.unsqueeze(0)
-        rest: List[int] = list(t.shape[1:])
-        padded = t.new_zeros([n_structures * n_max] + rest).index_copy(0, slot, t)
-        return padded.reshape([n_structures, n_max] + rest)
-
-    @staticmethod
-    def _padded_slots(batch: Tensor, n_structures: int) -> tuple[Tensor, int]:
-        """Row of every atom in a (B * Nmax) padded layout, and Nmax (atoms of a structure are
-        contiguous, graph.batch_graph)."""
-        index = torch.arange(batch.shape[0], device=batch.device)
-        if n_structures == 1:
-            return index, batch.shape[0]
-        sizes = torch.bincount(batch, minlength=n_structures)
-        n_max = int(sizes.max())
-        first = torch.cumsum(sizes, 0) - sizes
-        return batch * n_max + index - first[batch], n_max
 
     def _kernel(self, pos: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
         """sinc(omega_m r_ij) of positions (..., n, 3) as (..., M, n, n): 1 on i = j, 0 where
@@ -244,7 +210,7 @@ class EuclideanFastAttention(nn.Module):
         """The pairwise form batched over structures: (B, Nmax, Nmax) kernels, one product."""
         b, n, m, d = n_structures, q.shape[0], self.omega.numel(), v.shape[1]
         rows = torch.cat([positions, q.reshape(n, 2 * m), (k * owned.reshape(n, 1, 1)).reshape(n, 2 * m), v], dim=1)
-        pos, qp, kp, vp = torch.split(self._pad(rows, slot, b, n_max), [3, 2 * m, 2 * m, d], dim=2)
+        pos, qp, kp, vp = torch.split(pad(rows, slot, b, n_max), [3, 2 * m, 2 * m, d], dim=2)
         with torch.no_grad():  # pairs of distinct real atoms (not padding)
             real = torch.zeros(b * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
             real = real.reshape(b, 1, n_max)

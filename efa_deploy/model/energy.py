@@ -200,6 +200,16 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float64) -> Ener
     return (ChargedEnergyModel if config.global_inputs else EnergyModel)(config).to(dtype)
 
 
+def use_fused(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switch every message layer and EFA block of `model` to the fused operators (inference:
+    exported files, calculator, LAMMPS) or back to the reference (training with force losses);
+    returns model."""
+    for module in model.modules():
+        if isinstance(module, (Message, EuclideanFastAttention)):
+            module.fused = enabled
+    return model
+
+
 def energy_and_forces(
     model: nn.Module, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
     batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Tensor | None = None, create_graph: bool = False,

@@ -71,15 +71,6 @@ class Message(nn.Module):
         return message_passing(filter, vec, rbf, weight, bias, envelope, unit, sender, receiver)
 
 
-def use_fused(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch every message layer of `model` to the fused operator (inference: exported files,
-    calculator, LAMMPS) or back to the reference (training with force losses); returns model."""
-    for module in model.modules():
-        if isinstance(module, Message):
-            module.fused = enabled
-    return model
-
-
 class Update(nn.Module):
     """Per-atom mixing of scalars and vectors (PaiNN update block)."""
 
