@@ -22,8 +22,7 @@ from efa_deploy.model.lebedev import lebedev_grid
 from efa_deploy.ops import ATTENTION_SCHEMAS
 from efa_deploy.paths import OPS_LIBRARY
 
-from helpers import randomised_model
-from helpers import assert_close, fused_and_reference, water_cluster
+from helpers import assert_close, fused_and_reference, randomised_model, water_cluster
 
 pytestmark = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
 
