@@ -14,7 +14,7 @@ from efa_deploy.graph import batch_graph
 
 from helpers import lj_structures, write_npz
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def assert_same(loaded, reference, atol=1e-12):
@@ -77,13 +77,17 @@ def test_extxyz_and_ase_db(tmp_path):
     assert_same(load_structures(tmp_path / "d.db"), structures)
 
 
-@pytest.mark.skipif(not DATASETS.is_dir(), reason="../shared/datasets is not here")
 def test_published_datasets_load():
-    pairs = load_structures(DATASETS / "two_atoms.npz")
+    """The EFA paper's data sets the examples ship (two atoms, the 16-atom control, SN2)."""
+    pairs = load_structures(EXAMPLES / "two_atoms" / "data" / "two_atoms.npz")
     assert len(pairs) == 10000 and {len(a) for a in pairs} == {2}
     assert pairs[0].numbers.tolist() == [1, 2]
-    clusters = load_structures(DATASETS / "3D_cluster_16_atoms_radius_2point5.npz")
+    clusters = load_structures(EXAMPLES / "two_atoms" / "data" / "3D_cluster_16_atoms_radius_2point5.npz")
     assert len(clusters) == 2500 and {len(a) for a in clusters} == {16}
+    scan = load_structures(EXAMPLES / "nonlocal" / "data" / "sn2_F_I.npz")
+    assert len(scan) == 401 and sorted(scan[0].numbers.tolist()) == [1, 1, 1, 6, 9, 53]
+    segments = [a.info["segment"] for a in scan]
+    assert segments == sorted(segments) and len(set(segments)) == 41  # 10 consecutive frames each
 
 
 def test_collate_matches_batch_graph():
