@@ -71,9 +71,12 @@ def random_model(use_efa: bool, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
-def models(use_efa: bool, dtype: torch.dtype) -> dict:
-    """The same model scripted on each path, and without message steps ("none")."""
+def models(use_efa: bool, dtype: torch.dtype, scripted: bool = True):
+    """The same model scripted on each path, and without message steps ("none"); with
+    scripted=False, the eager model on the fused path."""
     model = random_model(use_efa, dtype)
+    if not scripted:
+        return use_fused(model, True)
     scripted = {}
     for path in PATHS:
         use_fused(model, path == "fused")

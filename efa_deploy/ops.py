@@ -7,7 +7,8 @@ are registered here in pure torch, with the same schemas and adjoints, so that m
 train, script and export anywhere. Both carry shape-only (fake) kernels for torch.export.
 
 efa::message is the fused local message step (ops/fused_message.cpp); its pure-torch
-registration is the reference, efa_deploy.model.local.message_passing. Likewise
+registration is the reference, efa_deploy.model.local.message_passing (efa::radial_basis:
+ops/fused_radial.cpp and efa_deploy.model.local.radial_basis). Likewise
 efa::attention_keys / attention_queries, the fused EFA stages (ops/fused_efa.cpp), are
 efa_deploy.model.erope.key_value_sums / query_contraction in pure torch.
 """
@@ -22,6 +23,7 @@ from .paths import OPS_LIBRARY
 ADJOINTS = {"global_sum": "global_sum", "forward_ghosts": "reverse_ghosts", "reverse_ghosts": "forward_ghosts"}
 MESSAGE_SCHEMA = ("message(Tensor filter, Tensor vec, Tensor rbf, Tensor weight, Tensor bias, Tensor envelope, "
                   "Tensor unit, Tensor sender, Tensor receiver) -> (Tensor, Tensor)")
+RADIAL_SCHEMA = "radial_basis(Tensor r, Tensor n_pi, float cutoff) -> (Tensor, Tensor)"
 ATTENTION_SCHEMAS = {
     "attention_keys": "attention_keys(Tensor positions, Tensor keys, Tensor values, Tensor owned, Tensor batch, "
                       "int n_structures, Tensor omega, Tensor directions) -> Tensor",
@@ -45,10 +47,11 @@ def _register_pure_torch() -> None:
         torch.library.register_autograd(f"efa::{name}", lambda ctx, grad, op=adjoint_op: op(grad), lib=_library)
     # imported here: the model package imports this module
     from .model.erope import key_value_sums, query_contraction
-    from .model.local import message_passing
+    from .model.local import message_passing, radial_basis
 
     # autograd and meta by decomposition
     for name, schema, reference in (("message", MESSAGE_SCHEMA, message_passing),
+                                    ("radial_basis", RADIAL_SCHEMA, radial_basis),
                                     ("attention_keys", ATTENTION_SCHEMAS["attention_keys"], key_value_sums),
                                     ("attention_queries", ATTENTION_SCHEMAS["attention_queries"], query_contraction)):
         _library.define(schema)

@@ -187,7 +187,7 @@ def static_run(workdir: Path, model: Path, elements: list[str], nprocs: int = 1,
 
 RTOL = 1e-12
 CONFIG = ModelConfig(atomic_numbers=[1, 8], features=16, num_layers=2, cutoff=4.0, r_max=30.0)
-MESSAGE_OPS = {"efa::message", "efa::message_backward"}
+MESSAGE_OPS = {"efa::message", "efa::message_backward", "efa::radial_basis", "efa::radial_basis_backward"}
 EFA_OPS = {"efa::attention_keys", "efa::attention_keys_backward", "efa::attention_queries",
            "efa::attention_queries_backward"}
 

@@ -207,6 +207,7 @@ def test_export_selects_the_fused_path(model_files):
     flags = {name: [m.fused for key, m in module.named_modules() if key.endswith((".message", ".efa"))]
              for name, module in (("fused", fused), ("reference", reference))}
     assert flags == {"fused": [True] * 4, "reference": [False] * 4}
+    assert fused.radial.fused and not reference.radial.fused
 
 
 @pytest.mark.mpi

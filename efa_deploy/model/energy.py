@@ -143,15 +143,21 @@ class EnergyModel(nn.Module):
     def initial_features(self, species: Tensor, batch: Tensor, charge_spin: Optional[Tensor]) -> Tensor:
         return self.embedding(species)
 
+    def edge_geometry(self, positions: Tensor, sender: Tensor, receiver: Tensor, edge_shift: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """Radial basis (E, R), envelope (E, 1) and unit vectors (E, 3) of the edges."""
+        d = positions[sender] - positions[receiver] + edge_shift
+        r = torch.sqrt(torch.sum(d * d, dim=1))
+        unit = d / r.unsqueeze(1)
+        rbf, envelope = self.radial(r)
+        return rbf, envelope, unit
+
     def atomic_energies(
         self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
         batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Optional[Tensor],
     ) -> Tensor:
         sender, receiver = edge_index[0], edge_index[1]
-        d = positions[sender] - positions[receiver] + edge_shift
-        r = torch.sqrt(torch.sum(d * d, dim=1))
-        unit = d / r.unsqueeze(1)
-        rbf, envelope = self.radial(r)
+        rbf, envelope, unit = self.edge_geometry(positions, sender, receiver, edge_shift)
         n = positions.shape[0]
         x = self.initial_features(species, batch, charge_spin)
         vec = torch.zeros(n, 3, self.features, dtype=x.dtype, device=x.device)
@@ -201,11 +207,11 @@ def build_model(config: ModelConfig, dtype: torch.dtype = torch.float64) -> Ener
 
 
 def use_fused(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch every message layer and EFA block of `model` to the fused operators (inference:
+    """Switch the radial basis, every message layer and EFA block of `model` to the fused operators (inference:
     exported files, calculator, LAMMPS) or back to the reference (training with force losses);
     returns model."""
     for module in model.modules():
-        if isinstance(module, (Message, EuclideanFastAttention)):
+        if isinstance(module, (Message, RadialBasis, EuclideanFastAttention)):
             module.fused = enabled
     return model
 

@@ -10,18 +10,32 @@ from torch.nn.functional import linear
 from .. import ops  # noqa: F401  (registers torch.ops.efa)
 
 
+def radial_basis(r: Tensor, n_pi: Tensor, cutoff: float) -> tuple[Tensor, Tensor]:
+    """The reference radial basis (E, R) and envelope (E, 1) of edge lengths r (E,);
+    torch.ops.efa.radial_basis computes the same without saving E x R tensors for backward
+    (ops/fused_radial.cpp)."""
+    r = r.unsqueeze(-1)
+    envelope = 0.5 * (torch.cos(math.pi * r / cutoff) + 1.0) * (r < cutoff).to(r.dtype)
+    return torch.sin(n_pi * r) / r, envelope
+
+
 class RadialBasis(nn.Module):
-    """sin(n pi r / rc) / r times a cosine cutoff whose value and slope vanish at rc."""
+    """sin(n pi r / rc) / r times a cosine cutoff whose value and slope vanish at rc.
+
+    `fused` (set by use_fused) selects the fused operator on CPU (first derivatives only)."""
+
+    fused: bool
 
     def __init__(self, num_radial: int, cutoff: float):
         super().__init__()
         self.cutoff = cutoff
         self.register_buffer("n_pi", math.pi * torch.arange(1, num_radial + 1, dtype=torch.float64) / cutoff)
+        self.fused = False
 
     def forward(self, r: Tensor) -> tuple[Tensor, Tensor]:
-        r = r.unsqueeze(-1)
-        envelope = 0.5 * (torch.cos(math.pi * r / self.cutoff) + 1.0) * (r < self.cutoff).to(r.dtype)
-        return torch.sin(self.n_pi * r) / r, envelope
+        if self.fused and r.device.type == "cpu":
+            return torch.ops.efa.radial_basis(r, self.n_pi, self.cutoff)
+        return radial_basis(r, self.n_pi, self.cutoff)
 
 
 def mlp(n_in: int, n_hidden: int, n_out: int, zero_last: bool = False) -> nn.Sequential:
