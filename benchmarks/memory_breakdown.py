@@ -3,7 +3,8 @@
 For one water droplet and the fused path (float32 by default; --radial reference keeps the
 reference radial basis, as before efa::radial_basis), in fresh processes:
   - peak resident growth (VmHWM - VmRSS before) of: the edge geometry alone (d, r, unit, rbf,
-    envelope with their autograd graph), the forward, and forward + backward;
+    envelope with their autograd graph), the forward, and forward + backward; and the peak of
+    live torch allocations in forward + backward (profiler memory events: no malloc free lists);
   - what autograd saves for backward, grouped by operation and by per-edge / per-atom shape
     (torch.autograd.graph.saved_tensors_hooks; each storage counted once);
   - the size of the graph inputs (built outside the measured call by benchmarks/fused_step.py).
@@ -31,7 +32,7 @@ from fused_step import DTYPES, _status_kb, models, water_droplet  # noqa: E402
 from efa_deploy.graph import structure_graph  # noqa: E402
 from efa_deploy.model import energy_and_forces  # noqa: E402
 
-STAGES = ("geometry", "forward", "forward+backward")
+STAGES = ("geometry", "forward", "forward+backward", "live tensors")
 
 
 def _graph(n_atoms: int, dtype: torch.dtype):
@@ -61,6 +62,8 @@ def stage_peak(n_atoms: int, use_efa: bool, dtype_name: str, radial: str, stage:
     graph = _graph(n_atoms, dtype)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kb("VmRSS")
+    if stage == "live tensors":
+        return {"kb_per_atom": live_tensor_peak(model, graph) / 1024 / graph.positions.shape[0], "kept_kb_per_atom": 0.0}
     if stage == "geometry":
         kept = _geometry(eager, graph)
     elif stage == "forward":
@@ -71,6 +74,23 @@ def stage_peak(n_atoms: int, use_efa: bool, dtype_name: str, radial: str, stage:
     n = graph.positions.shape[0]
     return {"kb_per_atom": (_status_kb("VmHWM") - before) / n, "kept_kb_per_atom": (_status_kb("VmRSS") - before) / n,
             "edges": graph.edge_index.shape[1], "atoms": n, "kept": len(kept)}
+
+
+def live_tensor_peak(model, graph) -> float:
+    """The largest sum of live torch CPU allocations (bytes) during one energy + forces call, from
+    the profiler's allocation events: what the call needs, without the C library's free lists
+    (a lower bound: see below)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        energy_and_forces(model, *graph.inputs())
+    # frees outside any operator are "[memory]" events; the rest is each operator's own net change
+    # (children excluded), counted when it ends: transients inside one operator are missed
+    events = sorted((e.time_range.start, e.cpu_memory_usage) if e.name == "[memory]" else
+                    (e.time_range.end, e.self_cpu_memory_usage) for e in prof.events())
+    live = peak = 0
+    for _, change in events:
+        live += change
+        peak = max(peak, live)
+    return float(peak)
 
 
 def saved_for_backward(n_atoms: int, use_efa: bool, dtype_name: str, radial: str) -> dict:
