@@ -154,7 +154,8 @@ def test_prediction(path: Path) -> Prediction:
     best = load_checkpoint(path / "best.ckpt")
     model, config = model_from_checkpoint(best, "ema")
     test = load_splits(best["train_config"]["data"]).test
-    p = predict(model, GraphDataset(test, config.atomic_numbers, config.cutoff, model.energy_shift.dtype))
+    p = predict(model, GraphDataset(test, config.atomic_numbers, config.cutoff, model.energy_shift.dtype,
+                                    config.global_inputs, "the test set"))
     forces = np.split(p.forces, np.cumsum(p.n_atoms)[:-1])
     metrics = error_summary(p)
     if not np.any(p.forces_ref):  # an energy-only data set (sn2): no force errors to report
