@@ -127,6 +127,12 @@ BENCHMARKS = {
         description="Two ethylene molecules 4.5-8 A apart, neutral or radical cation (total charge a model input "
                     "of both models), GFN2-xTB; test split 560 of the 2863 independent draws, 8 minutes of training per "
                     "model."),
+    "charge_transfer_long": Benchmark(
+        "charge_transfer.yaml", minutes=15.0, analysis=charge_errors,
+        variants={"local": ["--no-efa"], "efa": ["--efa"]},
+        description="Two ethylene molecules 4.5-8 A apart, neutral or radical cation (total charge a model input "
+                    "of both models), GFN2-xTB; test split 560 of the 2863 independent draws, 15 minutes of training per "
+                    "model (the local and the EFA run of a seed at the same time, one on each core)."),
 }
 
 
