@@ -94,6 +94,17 @@ def charge_errors(p: Prediction) -> dict:
     return {**out, "energy MAE, cations (eV)": f"{error[charge == 1].mean():.4f}"}
 
 
+LOCAL_AND_EFA = {"local": ["--no-efa"], "efa": ["--efa"]}
+
+
+def charge_transfer_with_neutrals(minutes: float, how: str = "") -> Benchmark:
+    return Benchmark(
+        "charge_transfer.yaml", minutes=minutes, analysis=charge_errors, variants=LOCAL_AND_EFA,
+        description="Two ethylene molecules 4.5-8 A apart, neutral or radical cation (total charge a model input of "
+                    f"both models), GFN2-xTB; test split 560 of the 2863 independent draws, {minutes:g} minutes of "
+                    f"training per model{how}.")
+
+
 BENCHMARKS = {
     "cumulene": Benchmark(
         "cumulene.yaml", minutes=8.0, analysis=twist_missed,
@@ -107,32 +118,23 @@ BENCHMARKS = {
                     "its amplitude (0.85 / 0.69 / 0.58 eV between 0 and 90 degrees on the rigid scaffold); one that "
                     "learned all of it, 0."),
     "sn2": Benchmark(
-        "sn2.yaml", minutes=5.0, analysis=sn2_path, variants={"local": ["--no-efa"], "efa": ["--efa"]},
+        "sn2.yaml", minutes=5.0, analysis=sn2_path, variants=LOCAL_AND_EFA,
         description="F- + CH3I -> CH3F + I- (the EFA paper's scan, 401 frames), test split = 9 of 41 segments of "
                     "0.5 A of reaction coordinate, energies only, cutoff 4 A x 2 layers, 5 minutes of training per "
                     "model."),
     "sn2_control": Benchmark(
-        "sn2.yaml", minutes=5.0, analysis=sn2_path, variants={"local": ["--no-efa"], "efa": ["--efa"]},
+        "sn2.yaml", minutes=5.0, analysis=sn2_path, variants=LOCAL_AND_EFA,
         overrides=["--set", "model.cutoff=15.0"],
         description="Control: the SN2 benchmark with cutoff 15 A, so every pair of atoms (at most 14.3 A apart) is "
                     "within the local model's cutoff and EFA has nothing non-local to add."),
     "charge_transfer_cations": Benchmark(
         "charge_transfer_cations.yaml", minutes=8.0, analysis=charge_errors,
-        variants={"local": ["--no-efa"], "efa": ["--efa"]},
+        variants=LOCAL_AND_EFA,
         description="Radical cations of two ethylene molecules 4.5-8 A apart, GFN2-xTB; test split 250 of the 1363 "
                     "independent draws, 8 minutes of training per model."),
-    "charge_transfer": Benchmark(
-        "charge_transfer.yaml", minutes=8.0, analysis=charge_errors,
-        variants={"local": ["--no-efa"], "efa": ["--efa"]},
-        description="Two ethylene molecules 4.5-8 A apart, neutral or radical cation (total charge a model input "
-                    "of both models), GFN2-xTB; test split 560 of the 2863 independent draws, 8 minutes of training per "
-                    "model."),
-    "charge_transfer_long": Benchmark(
-        "charge_transfer.yaml", minutes=15.0, analysis=charge_errors,
-        variants={"local": ["--no-efa"], "efa": ["--efa"]},
-        description="Two ethylene molecules 4.5-8 A apart, neutral or radical cation (total charge a model input "
-                    "of both models), GFN2-xTB; test split 560 of the 2863 independent draws, 15 minutes of training per "
-                    "model (the local and the EFA run of a seed at the same time, one on each core)."),
+    "charge_transfer": charge_transfer_with_neutrals(8.0),
+    "charge_transfer_long": charge_transfer_with_neutrals(
+        15.0, " (the local and the EFA run of a seed at the same time, one on each core)"),
 }
 
 
