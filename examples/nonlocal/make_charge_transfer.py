@@ -10,7 +10,7 @@ Every frame is an independent draw (random geometry, orientation and separation,
 so a random split puts no correlated frames on both sides.
 
     pip install tblite==0.8.0          # the optional `data` extra
-    OMP_NUM_THREADS=1 python examples/nonlocal/make_charge_transfer.py   # about 5 minutes on one core
+    OMP_NUM_THREADS=1 python examples/nonlocal/make_charge_transfer.py   # 10-30 minutes on one core
 """
 
 from __future__ import annotations
