@@ -35,6 +35,11 @@ class ModelConfig:
     # spin multiplicity 2S+1, embedded into every atom's initial features
     charge_input: bool = False
     spin_input: bool = False
+    # the periodic form of EFA (model/reciprocal.py): reciprocal-lattice vectors |k| < k_max
+    # (1/A) of each structure's cell replace the Lebedev grid; the model takes an input `cell`
+    # and evaluates periodic structures only (finite ones: a large vacuum-padded cell)
+    periodic_efa: bool = False
+    k_max: float = 1.5
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -47,6 +52,10 @@ class ModelConfig:
         for name in ("value_vectors", "value_tensors", "num_vector_frequencies", "train_pairwise_max_atoms"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if self.periodic_efa and not self.use_efa:
+            raise ValueError("periodic_efa: true needs use_efa: true (a local model is periodic as it is)")
+        if not (self.k_max > 0):
+            raise ValueError(f"k_max must be > 0 (1/A), not {self.k_max}")
         if self.b_max is None and self.use_efa:
             self.b_max = safe_b_max(self.grid_points)
 
@@ -57,8 +66,8 @@ class ModelConfig:
 
     @property
     def periodic(self) -> bool:
-        """The global term is not periodic: only local models handle periodic cells."""
-        return not self.use_efa
+        """Whether the model evaluates periodic cells: local models, and EFA in its periodic form."""
+        return not self.use_efa or self.periodic_efa
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ cancels in any linear sum over its two hydrogens, sum_j d_j = 0, but not in sum_
 """
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -148,30 +148,41 @@ class EuclideanFastAttention(nn.Module):
         return torch.cat(out, dim=1)
 
     def forward(
-        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
+        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor,
+        reciprocal: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
     ) -> Tensor:
         """EFA invariants (N, output_dim) for every atom; only owned atoms (owned == 1) enter the
-        global sums."""
+        global sums. `reciprocal`: the periodic form's (phase positions (N, 3), lattice indices
+        (G, 3), weights (B, M, G)) of reciprocal.reciprocal_terms, which replace the positions,
+        the Lebedev directions x frequencies and the grid weights."""
         q, k = self._queries_keys(x, vec)
         v = self._values(x, vec)
         if self.exact:
+            if reciprocal is not None:
+                return self._invariants(self._pairwise_periodic(q, k, v, reciprocal, batch, owned), vec)
             return self._invariants(self._pairwise(q, k, v, positions, batch, owned), vec)
         if n_structures == 0:
             return self._invariants(v, vec)
         slot, n_max = padded_slots(batch, n_structures)
-        if self.training and n_max <= self.train_pairwise_max_atoms:
+        if self.training and n_max <= self.train_pairwise_max_atoms and reciprocal is None:
             return self._invariants(self._pairwise_padded(q, k, v, positions, slot, n_structures, n_max, owned), vec)
         # stage 1 (per-structure sums of this process's owned atoms), the global sum over MPI
         # ranks, stage 2 (queries contract the sums): erope.py. The fused operators recompute the
         # rotations in each stage; the reference shares one set of them (B, M, Nmax, 2, G).
         fused = self.fused and positions.device.type == "cpu"
-        omega, directions = self.omega, self.grid_points
+        if reciprocal is None:
+            omega, directions = self.omega, self.grid_points
+            weights = self.grid_weights.to(v.dtype).reshape(1, 1, -1, 1)
+        else:
+            positions, directions, weights = reciprocal
+            omega = torch.ones_like(self.omega)
+            weights = weights.unsqueeze(3)
         trig = positions.new_zeros(0) if fused else padded_phases(positions, omega, directions, slot, n_structures, n_max)
         if fused:
             kv = torch.ops.efa.attention_keys(positions, k, v, owned, batch, n_structures, omega, directions)
         else:
             kv = sum_keys_values(trig, k, v * owned.unsqueeze(1), slot, n_structures, n_max)
-        kv = torch.ops.efa.global_sum(kv) * self.grid_weights.to(kv.dtype).reshape(1, 1, -1, 1)  # (B, M, G, 2D)
+        kv = torch.ops.efa.global_sum(kv) * weights  # (B, M, G, 2D)
         if fused:
             y = torch.ops.efa.attention_queries(positions, q, kv, batch, omega, directions)
         else:
@@ -218,6 +229,20 @@ class EuclideanFastAttention(nn.Module):
         kp = kp.reshape(b, n_max, m, 2).permute(0, 2, 3, 1)  # (B, M, 2, Nmax)
         attention = torch.sum((qp @ kp) * kernel, dim=1)  # (B, Nmax, Nmax)
         return self.scale * (attention @ vp).reshape(b * n_max, d)[slot]
+
+    def _pairwise_periodic(self, q: Tensor, k: Tensor, v: Tensor, reciprocal: Tuple[Tensor, Tensor, Tensor],
+                           batch: Tensor, owned: Tensor) -> Tensor:
+        """The periodic form over all N x N pairs: sum_j sum_m (q_i^m . k_j^m) K_m(r_ij) v_j with
+        K_m(r_ij) = sum_g w_bmg cos(n_g . (p_i - p_j)), the reference for the linear form."""
+        phase, n, weights = reciprocal
+        same = (batch.unsqueeze(1) == batch.unsqueeze(0)).to(v.dtype)
+        angle = phase @ n.T  # (N, G)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        w = weights[batch]  # (N, M, G): receiver i's structure
+        # cos(a_i - a_j) = cos a_i cos a_j + sin a_i sin a_j
+        kernel = torch.einsum("img,jg->mij", w * cos.unsqueeze(1), cos) + torch.einsum("img,jg->mij", w * sin.unsqueeze(1), sin)
+        qk = torch.einsum("imc,jmc->mij", q, k)
+        return self.scale * (torch.sum(qk * kernel, dim=0) * same * owned.unsqueeze(0)) @ v
 
     def _pairwise(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, batch: Tensor, owned: Tensor) -> Tensor:
         """sum_j sum_m (q_i^m . k_j^m) sinc(omega_m r_ij) v_j over owned j of i's structure: the

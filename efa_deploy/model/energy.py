@@ -2,7 +2,7 @@
 per-atom energy readout with per-element shifts; forces by autograd."""
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -11,6 +11,7 @@ from .config import ModelConfig
 from .efa import EuclideanFastAttention
 from .grid import LebedevRules, carried_rules
 from .local import Message, RadialBasis, Update, mlp
+from .reciprocal import length_scales, normalisers, reciprocal_terms
 
 
 class GlobalUpdate(nn.Module):
@@ -36,9 +37,10 @@ class GlobalUpdate(nn.Module):
         self.mlp = mlp(f, f, f, zero_last=True)
 
     def forward(
-        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
+        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor,
+        reciprocal: Optional[Tuple[Tensor, Tensor, Tensor]],
     ) -> Tensor:
-        return self.mlp(x + self.dense(self.efa(x, vec, positions, batch, n_structures, owned)))
+        return self.mlp(x + self.dense(self.efa(x, vec, positions, batch, n_structures, owned, reciprocal)))
 
     def use_grid(self, points: Tensor, weights: Tensor) -> None:
         self.efa.grid_points = points
@@ -49,7 +51,8 @@ class NoGlobalUpdate(nn.Module):
     """The local baseline: same signature, no global term."""
 
     def forward(
-        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor
+        self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor,
+        reciprocal: Optional[Tuple[Tensor, Tensor, Tensor]],
     ) -> Tensor:
         return torch.zeros_like(x)
 
@@ -71,13 +74,14 @@ class InteractionLayer(nn.Module):
     def forward(
         self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor,
         sender: Tensor, receiver: Tensor, rbf: Tensor, envelope: Tensor, unit: Tensor,
+        reciprocal: Optional[Tuple[Tensor, Tensor, Tensor]],
     ) -> tuple[Tensor, Tensor]:
         dx, dv = self.message(x, vec, sender, receiver, rbf, envelope, unit)
         x_local = x + dx
         vec = vec + dv
         du, dvu = self.update(x_local, vec)
         vec = vec + dvu
-        x_global = self.global_update(x, vec, positions, batch, n_structures, owned)
+        x_global = self.global_update(x, vec, positions, batch, n_structures, owned, reciprocal)
         return x + self.local_mlp(x_local + du) + x_global, vec
 
 
@@ -93,7 +97,19 @@ class EnergyModel(nn.Module):
         self.register_buffer("energy_shift", torch.zeros(len(config.atomic_numbers), dtype=torch.float64))
         blocks = [layer.global_update.efa for layer in self.layers if config.use_efa]
         omega_max = max((float(b.omega.max()) for b in blocks), default=0.0)
-        self.grid = LebedevRules(carried_rules(config.grid_points) if blocks else [], omega_max, config.grid_points)
+        # the periodic form needs no Lebedev rule: it carries its training grid only (metadata)
+        rules = ([config.grid_points] if config.periodic_efa else carried_rules(config.grid_points)) if blocks else []
+        self.grid = LebedevRules(rules, omega_max, config.grid_points)
+        # the periodic form's kernel (reciprocal.py): a real-space width per channel, as the
+        # finite form's frequencies: scalar channels, then 3 components of each vector channel
+        self.k_max = float(config.k_max)
+        scalar = length_scales(config.num_frequencies, config.k_max, config.r_max)
+        vector = length_scales(config.num_vector_frequencies, config.k_max, config.r_max) \
+            if config.num_vector_frequencies else []
+        lengths = scalar + vector * 3
+        self.register_buffer("kernel_lengths", torch.tensor(lengths, dtype=torch.float64), persistent=False)
+        self.register_buffer("kernel_norms", torch.tensor(normalisers(lengths, config.k_max), dtype=torch.float64),
+                             persistent=False)
 
     # ---- the Lebedev grid (grid.py): chosen at run time, the same in Python and in LAMMPS ----
 
@@ -155,7 +171,12 @@ class EnergyModel(nn.Module):
     def atomic_energies(
         self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
         batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Optional[Tensor],
+        cell: Optional[Tensor] = None,
     ) -> Tensor:
+        reciprocal: Optional[Tuple[Tensor, Tensor, Tensor]] = None
+        if cell is not None:
+            reciprocal = reciprocal_terms(positions, cell.to(positions.dtype), batch, self.kernel_lengths,
+                                          self.kernel_norms, self.k_max)
         sender, receiver = edge_index[0], edge_index[1]
         rbf, envelope, unit = self.edge_geometry(positions, sender, receiver, edge_shift)
         n = positions.shape[0]
@@ -163,7 +184,8 @@ class EnergyModel(nn.Module):
         vec = torch.zeros(n, 3, self.features, dtype=x.dtype, device=x.device)
         last = len(self.layers) - 1
         for t, layer in enumerate(self.layers):
-            x, vec = layer(x, vec, positions, batch, n_structures, owned, sender, receiver, rbf, envelope, unit)
+            x, vec = layer(x, vec, positions, batch, n_structures, owned, sender, receiver, rbf, envelope, unit,
+                           reciprocal)
             if t < last:  # ghosts take their owners' features (identity outside LAMMPS)
                 synced = torch.ops.efa.forward_ghosts(torch.cat([x, vec.reshape(n, 3 * self.features)], dim=1))
                 x = synced[:, : self.features]
@@ -201,9 +223,38 @@ class ChargedEnergyModel(EnergyModel):
         return x + self.global_embedding(values.to(x.dtype))[batch]
 
 
+class PeriodicEnergyModel(EnergyModel):
+    """EnergyModel with the periodic form of EFA (reciprocal.py): an eighth input, `cell`
+    (n_structures, 3, 3), each structure's lattice vectors as rows (A)."""
+
+    def forward(
+        self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+        batch: Tensor, n_structures: int, owned: Tensor, cell: Tensor,
+    ) -> Tensor:
+        """Per-atom energies (N,) as EnergyModel.forward, in the periodic cells `cell`."""
+        return self.atomic_energies(positions, species, edge_index, edge_shift, batch, n_structures, owned, None,
+                                    cell)
+
+
+class PeriodicChargedEnergyModel(ChargedEnergyModel):
+    """ChargedEnergyModel with the periodic form of EFA: inputs charge_spin, then cell."""
+
+    def forward(
+        self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
+        batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Tensor, cell: Tensor,
+    ) -> Tensor:
+        return self.atomic_energies(positions, species, edge_index, edge_shift, batch, n_structures, owned,
+                                    charge_spin, cell)
+
+
 def build_model(config: ModelConfig, dtype: torch.dtype = torch.float64) -> EnergyModel:
-    """The model a config describes: ChargedEnergyModel when it takes a total charge or spin."""
-    return (ChargedEnergyModel if config.global_inputs else EnergyModel)(config).to(dtype)
+    """The model a config describes: with an input charge_spin when it takes a total charge or
+    spin, and an input cell when its EFA term has the periodic form."""
+    if config.periodic_efa:
+        cls = PeriodicChargedEnergyModel if config.global_inputs else PeriodicEnergyModel
+    else:
+        cls = ChargedEnergyModel if config.global_inputs else EnergyModel
+    return cls(config).to(dtype)
 
 
 def use_fused(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -218,14 +269,49 @@ def use_fused(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 def energy_and_forces(
     model: nn.Module, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
-    batch: Tensor, n_structures: int, owned: Tensor, charge_spin: Tensor | None = None, create_graph: bool = False,
+    batch: Tensor, n_structures: int, owned: Tensor, *extra: Tensor, create_graph: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Energy per structure (B,), forces (N, 3) and per-atom energies (N,); charge_spin only
-    for models that take it (Graph.inputs() holds it when the graph carries it)."""
-    if not positions.requires_grad:
-        positions = positions.detach().requires_grad_(True)
-    inputs = (positions, species, edge_index, edge_shift, batch, n_structures, owned)
-    atomic = model(*inputs) if charge_spin is None else model(*inputs, charge_spin)
+    """Energy per structure (B,), forces (N, 3) and per-atom energies (N,). `extra`: the model's
+    further inputs, charge_spin and/or cell, as Graph.inputs() gives them."""
+    energy, forces, atomic, _ = _evaluate(model, (positions, species, edge_index, edge_shift, batch, n_structures,
+                                                   owned, *extra), create_graph, False)
+    return energy, forces, atomic
+
+
+def energy_forces_stress(model: nn.Module, *inputs, cell: Optional[Tensor] = None, create_graph: bool = False
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """energy_and_forces and the stress of each structure (B, 3, 3), (1/V) dE/d(strain) in eV/A^3
+    (ASE's sign: positive under tension), with cell (B, 3, 3) the last of `inputs` when the
+    model takes it and the keyword `cell` otherwise. Positions, periodic edge shifts and the cell deform
+    together as r (I + e) with a symmetric strain e per structure."""
+    return _evaluate(model, inputs, create_graph, True, cell)
+
+
+def _evaluate(model: nn.Module, inputs: tuple, create_graph: bool, stress: bool, cell: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    positions, edge_index, edge_shift, batch, n_structures = inputs[0], inputs[2], inputs[3], inputs[4], inputs[5]
+    positions = positions.detach().requires_grad_(True)
+    inputs = (positions, *inputs[1:])
+    takes_cell = len(inputs) > 7 and inputs[-1].dim() == 3
+    if stress:
+        cells = inputs[-1] if takes_cell else cell
+        if cells is None:
+            raise ValueError("stress needs each structure's cell")
+        strain = torch.zeros(n_structures, 3, 3, dtype=positions.dtype, device=positions.device, requires_grad=True)
+        deform = torch.eye(3, dtype=positions.dtype, device=positions.device) + 0.5 * (strain + strain.transpose(1, 2))
+        strained = list(inputs)
+        strained[0] = torch.bmm(positions.unsqueeze(1), deform[batch]).squeeze(1)
+        strained[3] = torch.bmm(edge_shift.unsqueeze(1), deform[batch[edge_index[1]]]).squeeze(1)
+        if takes_cell:
+            strained[-1] = torch.bmm(cells.to(positions.dtype), deform)
+        atomic = model(*strained)
+        wrt = [positions, strain]
+    else:
+        atomic = model(*inputs)
+        wrt = [positions]
     energy = torch.zeros(n_structures, dtype=atomic.dtype, device=atomic.device).index_add(0, batch, atomic)
-    (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph)
-    return energy, -grad, atomic
+    grads = torch.autograd.grad(energy.sum(), wrt, create_graph=create_graph)
+    if not stress:
+        return energy, -grads[0], atomic, positions.new_zeros(0)
+    volume = torch.abs(torch.linalg.det(cells.to(positions.dtype)))
+    return energy, -grads[0], atomic, grads[1] / volume.reshape(-1, 1, 1)
