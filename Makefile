@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==25.3" "setuptools==80.9.0" "wheel==0.45.1" "cmake==4.1.2"
 	$(PY) -m pip install --quiet -c constraints.txt torch
-	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet --no-build-isolation -c constraints.txt -e ".[test,periodic-data]"
 	touch $(STAMP)
 
 setup: $(STAMP)

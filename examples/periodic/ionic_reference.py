@@ -10,8 +10,9 @@ part comes from torch-pme (`torchpme.EwaldCalculator`, converged to ~1e-13 relat
 stress (eV/A^3, ASE's sign: (1/V) dE/d(strain)) are autograd derivatives with respect to the
 positions and a homogeneous strain of positions and cell. `ewald_plain` is an independent
 Ewald sum in plain torch (another splitting parameter, its own image and k-vector enumeration),
-against which tests/test_ionic_reference.py checks torch-pme. `coulomb_near` is the part of the
-Coulomb energy from pairs within a smooth cutoff: the rest is what a local model cannot see.
+against which tests/test_ionic_reference.py checks torch-pme. `coulomb_near` is the best local
+(damped shifted force) form of the Coulomb energy within a cutoff: the rest is what a local model
+of that range cannot see.
 
     pip install torch-pme==0.5.0      # the optional `periodic-data` extra
 """
@@ -39,6 +40,7 @@ EWALD_K_MAX = math.sqrt(2.0 * 32.2) / EWALD_SMEARING  # 6.0 1/A
 # so |k| up to pi / lr_wavelength, half of what its docstring suggests: lr_wavelength = 2 pi / k_max
 # left the energy 1e-5 relative off.
 EWALD_LR_WAVELENGTH = math.pi / EWALD_K_MAX
+NEAR_ALPHA = 0.2  # 1/A, the damping of coulomb_near
 
 
 @dataclass
@@ -154,13 +156,24 @@ def smooth_switch(r: torch.Tensor, r_on: float, r_off: float) -> torch.Tensor:
 
 
 def coulomb_near(positions: torch.Tensor, cell: torch.Tensor, charges: torch.Tensor, index: torch.Tensor,
-                 shifts: torch.Tensor, r_off: float, width: float = 1.0) -> torch.Tensor:
-    """The bare screened Coulomb energy of the pairs within a smooth cutoff (switched off from
-    r_off - width to r_off); index/shifts: the pairs within r_off. The Ewald energy minus this is
-    the energy of the pairs beyond (and the periodic remainder): what a model of that range misses."""
+                 shifts: torch.Tensor, r_cut: float, alpha: float = NEAR_ALPHA) -> torch.Tensor:
+    """The best-known local form of the screened Coulomb energy: the damped shifted force sum
+    (Fennell and Gezelter, J. Chem. Phys. 124, 234104 (2006)) of the pairs within r_cut,
+
+        sum_{i<j} q_i q_j [erfc(a r)/r - erfc(a r_c)/r_c + (erfc(a r_c)/r_c^2 + 2a/sqrt(pi) exp(-a^2 r_c^2)/r_c)(r - r_c)]
+        - (erfc(a r_c)/(2 r_c) + a/sqrt(pi)) sum_i q_i^2,
+
+    energy and force continuous at r_c (alpha = 0: the shifted-force bare Coulomb sum); index/shifts:
+    the pairs within r_cut. A sum of pair terms within r_cut, so a local model of that range can
+    represent it exactly; the Ewald energy minus this is what it has to get from further away."""
     r = pair_distances(positions, cell, index, shifts)
     qq = charges[index[:, 0]] * charges[index[:, 1]]
-    return COULOMB_EV_A / EPSILON_R * (qq / r * smooth_switch(r, r_off - width, r_off)).sum()
+    erfc_c = math.erfc(alpha * r_cut)
+    slope = erfc_c / r_cut ** 2 + 2.0 * alpha / math.sqrt(math.pi) * math.exp(-(alpha * r_cut) ** 2) / r_cut
+    pair = qq * (torch.special.erfc(alpha * r) / r - erfc_c / r_cut + slope * (r - r_cut))
+    pair = torch.where(r < r_cut, pair, torch.zeros_like(pair)).sum()
+    self_term = -(erfc_c / (2.0 * r_cut) + alpha / math.sqrt(math.pi)) * (charges ** 2).sum()
+    return COULOMB_EV_A / EPSILON_R * (pair + self_term)
 
 
 def with_derivatives(energy_fn, positions: np.ndarray, cell: np.ndarray):
@@ -180,10 +193,10 @@ def with_derivatives(energy_fn, positions: np.ndarray, cell: np.ndarray):
 
 
 def reference(numbers, positions: np.ndarray, cell: np.ndarray, coulomb=ewald_torchpme,
-              near_cutoffs: tuple = ()) -> Reference:
+              near_cutoffs: tuple = (), alpha: float = NEAR_ALPHA) -> Reference:
     """Energy, forces and stress of one periodic structure (pbc in all three directions); with
-    near_cutoffs, also the Coulomb energy and forces from beyond each smooth cutoff r_off
-    (Reference.far[r_off] = (energy, forces), switched off over 1 A below r_off)."""
+    near_cutoffs, also the Coulomb energy and forces that a local model of each range r_off misses:
+    Reference.far[r_off] = (energy, forces) of the Ewald sum minus coulomb_near(r_off, alpha)."""
     charges = charges_of(numbers)
     index, shifts = pairs(positions, cell, max(EWALD_CUTOFF, REPULSION_CUTOFF))
     near_pairs = {r_off: pairs(positions, cell, r_off) for r_off in near_cutoffs}
@@ -192,7 +205,7 @@ def reference(numbers, positions: np.ndarray, cell: np.ndarray, coulomb=ewald_to
         e_coulomb = (coulomb(pos, c, charges, index, shifts) if coulomb is ewald_torchpme
                      else coulomb(pos, c, charges))
         e_repulsion = repulsion(pos, c, index, shifts)
-        near = [coulomb_near(pos, c, charges, *near_pairs[r_off], r_off) for r_off in near_cutoffs]
+        near = [coulomb_near(pos, c, charges, *near_pairs[r_off], r_off, alpha) for r_off in near_cutoffs]
         return e_coulomb + e_repulsion, e_coulomb, e_repulsion, *near
 
     (total, e_coulomb, e_repulsion, *near), forces, stress, pos = with_derivatives(energy, positions, cell)
