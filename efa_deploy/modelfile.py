@@ -209,8 +209,10 @@ def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, di
         raise ValueError(f"{path}: not an efa-deploy model file (no format/config/dtype in its metadata)")
     config = ModelConfig.from_dict(metadata["config"])
     model = build_model(config, getattr(torch, metadata["dtype"]))
-    # the rules are the code's; the training grid and everything else is the file's
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith("grid.")}
+    # non-persistent buffers (the Lebedev rules, the periodic kernel) are the code's, though a
+    # scripted module lists them; the training grid and everything else is the file's
+    derived = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in module.state_dict().items() if k not in derived}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

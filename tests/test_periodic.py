@@ -345,3 +345,59 @@ def test_lammps_refuses_boxes_the_periodic_form_cannot_use(model_file, tmp_path,
     write_data(atoms, tmp_path / "data.lmp", ["H", "O"])
     with pytest.raises(RuntimeError, match=message):
         static_run(tmp_path, model_file, ["H", "O"], nprocs=nprocs, boundary=boundary)
+
+
+# ---- LAMMPS in this Python process (the `lammps` module)
+
+def host_lammps(data, model_file, boundary="p p p"):
+    from efa_deploy.lammps import start_lammps
+
+    lmp = start_lammps(("-screen", "none", "-log", "none"))
+    lmp.commands_string(f"units metal\nboundary {boundary}\natom_style atomic\natom_modify map array sort 0 0.0\n"
+                        f"read_data {data}\npair_style efa\npair_coeff * * {model_file} H O\n"
+                        "compute virial all pressure NULL virial\nthermo_style custom step pe\n")
+    return lmp
+
+
+def test_lammps_virial_is_minus_the_derivative_for_a_strained_box(model_file, tmp_path):
+    """The virial pair_style efa reports against finite changes of the box (change_box ... remap):
+    scaling z by 1 + h and a tilt xz of h lz, which moves x by h (z - zlo): LAMMPS keeps the
+    fractional coordinates, so these two are pure strains (scaling x or tilting xy would also
+    shear by the other tilts)."""
+    from helpers import NKTV2P_METAL
+
+    atoms = crystal(n=16, cell=np.array([[8.0, 0, 0], [0.9, 7.5, 0], [-0.6, 0.8, 7.8]]), seed=10)
+    write_data(atoms, tmp_path / "data.lmp", ["H", "O"])
+    lmp = host_lammps(tmp_path / "data.lmp", model_file)
+    lmp.command("run 0")
+    virial = np.array(lmp.numpy.extract_compute("virial", 0, 1)) * lmp.get_thermo("vol") / NKTV2P_METAL
+    h = 1e-5
+
+    def energy_after(change):
+        lmp.command(f"change_box all {change} remap units box")
+        lmp.command("run 0")
+        return lmp.get_thermo("pe")
+
+    e_plus = energy_after(f"z scale {1 + h}")
+    e_minus = energy_after(f"z scale {(1 - h) / (1 + h)}")
+    energy_after(f"z scale {1 / (1 - h)}")
+    assert abs(-(e_plus - e_minus) / (2 * h) - virial[2]) < 1e-6 * max(1.0, abs(virial[2]))
+    lz = lmp.get_thermo("lz")
+    e_plus = energy_after(f"xz delta {h * lz}")
+    e_minus = energy_after(f"xz delta {-2 * h * lz}")
+    assert abs(-(e_plus - e_minus) / (2 * h) - virial[4]) < 1e-6 * max(1e-2, abs(virial[4]))
+    assert abs(virial[4]) > 1e-3
+    lmp.close()
+
+
+def test_python_host_survives_a_periodic_model_on_a_finite_box(model_file, tmp_path):
+    atoms = crystal(n=6, seed=11)
+    write_data(atoms, tmp_path / "data.lmp", ["H", "O"])
+    lmp = host_lammps(tmp_path / "data.lmp", model_file, boundary="f f f")
+    with pytest.raises(Exception, match="needs 'boundary p p p'"):
+        lmp.command("run 0")
+    lmp.close()
+    lmp = host_lammps(tmp_path / "data.lmp", model_file)  # the process goes on: a good box runs
+    lmp.command("run 0")
+    assert np.isfinite(lmp.get_thermo("pe"))
+    lmp.close()
