@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
-from .checks import charge_spin_input, check_structure
+from .checks import charge_spin_input, check_structure, takes_cell
 from .graph import Graph, batch_graph, system_extent
+from .model import energy_and_forces, energy_forces_stress
 
 # Angstrom: the closest pair is named when it is this close and the results are not finite (as in the plugin)
 CLOSE_CONTACT = 0.5
@@ -64,7 +65,8 @@ class EFACalculator(Calculator):
     on them (metadata 'global_inputs'); atoms.info["charge"] and atoms.info["spin"] come first.
     Such a model needs them given; a model trained without them accepts only charge 0 and
     multiplicity 1 (or nothing).
-    Stress is available for periodic cells with local (non-EFA) models.
+    Stress is available for periodic cells with local models and models with periodic EFA
+    (periodic_efa: true), which evaluate fully periodic cells only.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energies"]
@@ -80,6 +82,7 @@ class EFACalculator(Calculator):
         self.cutoff = float(self.metadata["cutoff"])
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.efa = bool(self.metadata["efa"].get("enabled"))
+        self.takes_cell = takes_cell(self.metadata)  # periodic EFA: no Lebedev grid to choose
         self.global_inputs = list(self.metadata.get("global_inputs", []))
         self.charge, self.spin = charge, spin
         if charge is not None or spin is not None:
@@ -98,7 +101,7 @@ class EFACalculator(Calculator):
 
     def _select_grid(self, positions) -> None:
         """The grid for these positions (grid "auto"), and the extent check."""
-        if not self.efa:
+        if not self.efa or self.takes_cell:
             return
         extent = system_extent(positions)
         before = self.module.grid_size()
@@ -144,27 +147,21 @@ class EFACalculator(Calculator):
         atoms = self.atoms
         charge_spin = self._check(atoms)
         graph = batch_graph([atoms], self.atomic_numbers, self.cutoff, self.dtype,
-                            [charge_spin] if self.global_inputs else None).to(self.device)
+                            [charge_spin] if self.global_inputs else None, cell=self.takes_cell).to(self.device)
         want_stress = "stress" in properties
         if want_stress and not atoms.cell.rank == 3:
             raise ValueError("stress needs a three-dimensional cell")
-        positions = graph.positions.clone().requires_grad_(True)
-        strain = torch.zeros(3, 3, dtype=self.dtype, device=self.device, requires_grad=want_stress)
-        deform = torch.eye(3, dtype=self.dtype, device=self.device) + 0.5 * (strain + strain.T)
-        inputs = list(graph.inputs())
-        inputs[0] = positions @ deform if want_stress else positions
-        inputs[3] = graph.edge_shift @ deform if want_stress else graph.edge_shift
-        atomic = self.module(*inputs)
-        energy = atomic.sum()
-        wrt = [positions, strain] if want_stress else [positions]
-        grads = torch.autograd.grad(energy, wrt)
-        check_finite_results(atomic.detach(), grads[0].detach(), graph)
-        self.results["energy"] = float(energy.detach())
+        cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=self.dtype, device=self.device)
+        evaluate = energy_forces_stress if want_stress else energy_and_forces
+        results = evaluate(self.module, *graph.inputs(), **({"cell": cell} if want_stress else {}))
+        energy, forces, atomic = (t.detach() for t in results[:3])
+        check_finite_results(atomic, forces, graph)
+        self.results["energy"] = float(energy.sum())
         self.results["free_energy"] = self.results["energy"]
-        self.results["forces"] = (-grads[0]).detach().cpu().numpy().astype(np.float64)
-        self.results["energies"] = atomic.detach().cpu().numpy().astype(np.float64)
+        self.results["forces"] = forces.cpu().numpy().astype(np.float64)
+        self.results["energies"] = atomic.cpu().numpy().astype(np.float64)
         if want_stress:
-            stress = grads[1].detach().cpu().numpy() / atoms.get_volume()
+            stress = results[3].detach()[0].cpu().numpy()
             self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]].astype(np.float64)
 
 

@@ -8,9 +8,15 @@ import math
 import numpy as np
 
 
+def takes_cell(metadata: dict) -> bool:
+    """Whether the model has the periodic form of EFA (its forward takes the input `cell`)."""
+    return "cell" in metadata.get("inputs", [])
+
+
 def check_structure(atoms, metadata: dict, source: str = "structure") -> None:
     """Clear errors for what the model cannot evaluate: no atoms, unknown elements, a periodic
-    cell with a non-periodic (EFA) model, non-finite positions."""
+    cell with a non-periodic (EFA) model, a periodic-EFA model without a full, sound periodic
+    cell, non-finite positions."""
     from .graph import species_index
 
     if len(atoms) == 0:
@@ -22,8 +28,13 @@ def check_structure(atoms, metadata: dict, source: str = "structure") -> None:
     if np.any(atoms.pbc) and not metadata["periodic"]:
         raise ValueError(
             f"{source} is periodic (pbc={np.asarray(atoms.pbc).tolist()}) but this model's global EFA term is not: "
-            "use a finite structure (pbc=False), or a local model (trained with use_efa: false) for periodic systems"
+            "use a finite structure (pbc=False), or a model with periodic EFA (periodic_efa: true) or a local model "
+            "(use_efa: false) for periodic systems"
         )
+    if takes_cell(metadata):
+        from .graph import check_periodic_cell
+
+        check_periodic_cell(atoms.cell.array, atoms.pbc, float(metadata["cutoff"]), source)
     if not np.all(np.isfinite(atoms.positions)):
         raise ValueError(f"{source} has NaN or infinite positions")
 

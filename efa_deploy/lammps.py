@@ -86,8 +86,8 @@ def check_run_options(steps: int, ensemble: str, temperature: float | None, time
     require_seed(f"{flag}seed", seed)
     if ensemble == "npt" and not (periodic_model and periodic_box):
         raise ValueError("ensemble npt needs a periodic box and a periodic model"
-                         + ("; this model's global EFA term is not periodic" if not periodic_model
-                            else "; the structure is not periodic along x, y and z"))
+                         + ("; this model's global EFA term is in its finite form, which is not periodic"
+                            if not periodic_model else "; the structure is not periodic along x, y and z"))
 
 
 def structure_charge_spin(atoms, metadata: dict, charge: float | None, spin: float | None,

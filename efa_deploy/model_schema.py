@@ -100,14 +100,21 @@ def _check_field(metadata: dict, name: str, value, spec: dict) -> None:
     if "hex_digits" in spec and not re.fullmatch(f"[0-9a-f]{{{spec['hex_digits']}}}", value):
         _fail(name, spec, f"must be {spec['hex_digits']} lowercase hexadecimal digits, got {json_dump(value)}")
     if "false_if" in spec and value is True and lookup(metadata, spec["false_if"])[1] is True:
-        _fail(name, spec, f"must be false when '{spec['false_if']}' is true")
+        unless = spec.get("unless_input")
+        if not (unless and _takes_input(metadata, unless)):
+            _fail(name, spec, f"must be false when '{spec['false_if']}' is true"
+                  + (f" and 'inputs' does not hold '{unless}'" if unless else ""))
+
+
+def _takes_input(metadata: dict, name: str) -> bool:
+    inputs = lookup(metadata, "inputs")[1]
+    return isinstance(inputs, list) and name in inputs
 
 
 def _check_with_input(metadata: dict, name: str, present: bool, spec: dict) -> bool:
     """A field that is there exactly when 'inputs' holds the name `with_input`; returns whether
     it is there."""
-    inputs = lookup(metadata, "inputs")[1]
-    needed = isinstance(inputs, list) and spec["with_input"] in inputs
+    needed = _takes_input(metadata, spec["with_input"])
     if needed and not present:
         _fail(name, spec, f"is missing: the model takes the input '{spec['with_input']}'")
     if present and not needed:

@@ -23,8 +23,9 @@ from .ops import called_operators, is_registered
 FORMAT = FIELDS["format"]["enum"][0]
 METADATA_NAME = "metadata.json"
 # the arguments of EnergyModel.forward, in order: what every caller passes; models with
-# global inputs (ChargedEnergyModel) take the second form, with charge_spin appended
-INPUTS, CHARGED_INPUTS = FIELDS["inputs"]["enum"]
+# global inputs (ChargedEnergyModel) take charge_spin after them, models with periodic EFA
+# (PeriodicEnergyModel) cell last
+INPUTS, CHARGED_INPUTS, PERIODIC_INPUTS, PERIODIC_CHARGED_INPUTS = FIELDS["inputs"]["enum"]
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MetadataError", "load_model_file", "model_metadata", "read_metadata",
            "save_model_file", "validate_metadata"]
@@ -43,6 +44,10 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
             frequencies=[float(w) for w in block.omega.tolist()],
             D=2 * int(block.omega.numel()), Dv=config.value_dim, grid_rules=model.grid_sizes(),
         )
+        if config.periodic_efa:
+            efa["k_max"] = float(config.k_max)
+    inputs = [INPUTS, CHARGED_INPUTS, PERIODIC_INPUTS, PERIODIC_CHARGED_INPUTS][
+        bool(config.global_inputs) + 2 * bool(config.periodic_efa)]
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -50,7 +55,7 @@ def model_metadata(model: EnergyModel, config: ModelConfig, provenance: dict | N
         "atomic_numbers": list(config.atomic_numbers),
         "cutoff": float(config.cutoff),
         "num_layers": int(config.num_layers),
-        "inputs": list(CHARGED_INPUTS if config.global_inputs else INPUTS),
+        "inputs": list(inputs),
         # values per atom in each forward_ghosts/reverse_ghosts call: the scalar and the three
         # vector components of every feature (EnergyModel.forward)
         "ghost_width": 4 * int(config.features),
@@ -204,8 +209,10 @@ def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, di
         raise ValueError(f"{path}: not an efa-deploy model file (no format/config/dtype in its metadata)")
     config = ModelConfig.from_dict(metadata["config"])
     model = build_model(config, getattr(torch, metadata["dtype"]))
-    # the rules are the code's; the training grid and everything else is the file's
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith("grid.")}
+    # non-persistent buffers (the Lebedev rules, the periodic kernel) are the code's, though a
+    # scripted module lists them; the training grid and everything else is the file's
+    derived = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    state = {k: v for k, v in module.state_dict().items() if k not in derived}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -91,6 +91,13 @@ void check_value(const std::string &name, const json &value, const json &spec, c
   }
 }
 
+// Whether the metadata's 'inputs' list holds `input`.
+bool takes_input(const json &metadata, const std::string &input)
+{
+  const json *inputs = lookup(metadata, "inputs");
+  return inputs != nullptr && inputs->is_array() && std::find(inputs->begin(), inputs->end(), json(input)) != inputs->end();
+}
+
 void check_field(const json &metadata, const std::string &name, const json &value, const json &spec)
 {
   const std::string type = spec["type"].get<std::string>();
@@ -132,8 +139,10 @@ void check_field(const json &metadata, const std::string &name, const json &valu
   }
   if (spec.contains("false_if")) {
     const std::string other = spec["false_if"].get<std::string>();
-    if (value.get<bool>() && is_true(lookup(metadata, other)))
-      fail(name, spec, "must be false when '" + other + "' is true");
+    const std::string unless = spec.value("unless_input", "");
+    if (value.get<bool>() && is_true(lookup(metadata, other)) && !(unless.size() && takes_input(metadata, unless)))
+      fail(name, spec, "must be false when '" + other + "' is true" +
+                           (unless.size() ? " and 'inputs' does not hold '" + unless + "'" : ""));
   }
 }
 
@@ -141,9 +150,7 @@ void check_field(const json &metadata, const std::string &name, const json &valu
 bool check_with_input(const json &metadata, const std::string &name, bool present, const json &spec)
 {
   const std::string input = spec["with_input"].get<std::string>();
-  const json *inputs = lookup(metadata, "inputs");
-  const bool needed = inputs != nullptr && inputs->is_array() &&
-      std::find(inputs->begin(), inputs->end(), json(input)) != inputs->end();
+  const bool needed = takes_input(metadata, input);
   if (needed && !present) fail(name, spec, "is missing: the model takes the input '" + input + "'");
   if (present && !needed) fail(name, spec, "is set but 'inputs' does not hold '" + input + "'");
   return present;

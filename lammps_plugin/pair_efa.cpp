@@ -100,7 +100,7 @@ PairEFA::PairEFA(LAMMPS *lmp) :
     extent_warned_(false), grid_fixed_(0), grid_in_use_(0), skip_backward_sum_(false),
     charge_(std::numeric_limits<double>::quiet_NaN()), spin_(std::numeric_limits<double>::quiet_NaN()),
     model_charge_(false), model_spin_(false), dtype_(torch::kFloat64), cutoff_(0.0),
-    r_max_(0.0), model_periodic_(false), energy_unit_(1.0), sync_rows_(nullptr), sync_width_(0)
+    r_max_(0.0), model_periodic_(false), model_cell_(false), energy_unit_(1.0), sync_rows_(nullptr), sync_width_(0)
 {
   single_enable = 0;
   restartinfo = 0;
@@ -277,6 +277,8 @@ void PairEFA::load_model(const std::string &path)
   cutoff_ = meta["cutoff"].get<double>();
   dtype_ = meta["dtype"] == "float64" ? torch::kFloat64 : torch::kFloat32;
   model_periodic_ = meta["periodic"].get<bool>();
+  const json inputs = meta.value("inputs", json::array());
+  model_cell_ = std::find(inputs.begin(), inputs.end(), json("cell")) != inputs.end();
   r_max_ = meta["efa"]["enabled"].get<bool>() ? meta["efa"]["r_max"].get<double>() : 0.0;
   comm_forward = comm_reverse = meta["ghost_width"].get<int>();  // required by the schema
   const json global_inputs = meta.value("global_inputs", json::array());  // present with input charge_spin
@@ -291,7 +293,10 @@ void PairEFA::load_model(const std::string &path)
                    utils::join_words(model_elements_, " "), cutoff_,
                    r_max_ > 0 ? "EFA r_max " : "local only", r_max_ > 0 ? fmt::format("{} A", r_max_) : "",
                    meta["dtype"].get<std::string>());
-  if (r_max_ > 0 && comm->me == 0) {
+  if (model_cell_ && comm->me == 0)
+    utils::logmesg(lmp, "pair_style efa: periodic EFA, reciprocal-lattice vectors |k| < {} 1/A\n",
+                   meta["efa"]["k_max"].get<double>());
+  if (r_max_ > 0 && !model_cell_ && comm->me == 0) {
     const auto sizes = model_->run_method("grid_sizes").toIntVector();
     const double reach = model_->run_method("exact_extent", sizes.back()).toDouble();
     utils::logmesg(lmp, "pair_style efa: grid {}: {} Lebedev rules of {} to {} points carried, exact up to {:.1f} A\n",
@@ -363,9 +368,19 @@ void PairEFA::init_style()
   }
   if ((domain->xperiodic || domain->yperiodic || domain->zperiodic) && !model_periodic_)
     error->all(FLERR,
-               "pair_style efa: model {} has a global EFA term, which is not periodic; use "
-               "'boundary f f f' or 'boundary s s s', or a local model (use_efa: false)",
+               "pair_style efa: model {} has a global EFA term in its finite form, which is not periodic; use "
+               "'boundary f f f' or 'boundary s s s', or a model with periodic EFA (periodic_efa: true) or a local "
+               "model (use_efa: false)",
                model_path_);
+  if (model_cell_) {
+    if (!(domain->xperiodic && domain->yperiodic && domain->zperiodic))
+      error->all(FLERR,
+                 "pair_style efa: model {} has periodic EFA, which needs 'boundary p p p' (mixed boundaries such as "
+                 "'p p f' are not supported: pad a slab with vacuum in a fully periodic box, or use a model with "
+                 "the finite form of EFA for finite systems)",
+                 model_path_);
+    no_virial_fdotr_compute = 1;  // the reciprocal term's virial is not sum r.f: strain derivative
+  }
   neighbor->add_request(this, NeighConst::REQ_FULL);
 }
 
@@ -395,7 +410,7 @@ double PairEFA::check_coordinates_and_extent()
                "pair_style efa: an atom has non-finite (NaN or inf) coordinates at step {}; the "
                "simulation blew up or the input structure is broken (try a smaller timestep)",
                update->ntimestep);
-  if (r_max_ <= 0.0 || !std::isfinite(box[0])) return 0.0;
+  if (r_max_ <= 0.0 || model_cell_ || !std::isfinite(box[0])) return 0.0;
   // the extent (graph.system_extent): twice the largest distance from the box centre, an upper
   // bound on every interatomic distance
   const double centre[3] = {0.5 * (box[0] - box[3]), 0.5 * (box[1] - box[4]), 0.5 * (box[2] - box[5])};
@@ -445,7 +460,9 @@ void PairEFA::compute(int eflag, int vflag)
   if (vflag_atom)
     error->all(FLERR, "pair_style efa does not compute per-atom virials (compute stress/atom); the global "
                       "virial and pressure are available");
-  select_grid(check_coordinates_and_extent());
+  const double extent = check_coordinates_and_extent();
+  if (model_cell_) check_periodic_cell();
+  else select_grid(extent);
 
   const int nlocal = atom->nlocal;
   const int ntotal = nlocal + atom->nghost;
@@ -497,26 +514,52 @@ void PairEFA::compute(int eflag, int vflag)
   // executor gives the same numbers as Python from the first step (for this style's calls only)
   torch::jit::GraphOptimizerEnabledGuard plain_executor(false);
   torch::Tensor forces, atomic;
+  double strain_virial[6] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
   try {
     torch::Tensor positions = ntotal > 0 ? torch::from_blob(x[0], {ntotal, 3}, cpu_double).to(on_device, false, true)
                                          : torch::zeros({0, 3}, on_device);
     positions.requires_grad_(true);
+    // periodic EFA: positions and cell deform together by (I + sym(strain)); -dE/dstrain is the
+    // virial (efa_deploy.model.energy_forces_stress)
+    torch::Tensor strain, model_positions = positions, cell;
+    if (model_cell_) {
+      const double *h = domain->h;  // xprd yprd zprd yz xz xy
+      const double rows[9] = {h[0], 0.0, 0.0, h[5], h[1], 0.0, h[4], h[3], h[2]};
+      cell = torch::from_blob(const_cast<double *>(rows), {1, 3, 3}, cpu_double).to(on_device).clone();
+      if (vflag_global) {
+        strain = torch::zeros({3, 3}, on_device).requires_grad_(true);
+        const torch::Tensor deform = torch::eye(3, on_device) + 0.5 * (strain + strain.t());
+        model_positions = positions.matmul(deform);
+        cell = cell.matmul(deform);
+      }
+    }
     torch::Tensor species_t = torch::from_blob(species.data(), {ntotal}, cpu_long).to(device_, false, true);
     torch::Tensor edge_index = torch::from_blob(edges.data(), {nedges, 2}, cpu_long).t().to(device_, false, true);
     torch::Tensor edge_shift = torch::zeros({nedges, 3}, on_device);
     torch::Tensor batch = torch::zeros({ntotal}, torch::TensorOptions().dtype(torch::kInt64).device(device_));
     torch::Tensor owned_t = torch::from_blob(owned.data(), {ntotal}, cpu_double).to(on_device, false, true);
 
-    std::vector<torch::jit::IValue> inputs{positions, species_t, edge_index, edge_shift, batch,
+    std::vector<torch::jit::IValue> inputs{model_positions, species_t, edge_index, edge_shift, batch,
                                            static_cast<int64_t>(1), owned_t};
     if (model_charge_ || model_spin_) {  // the eighth input, charge_spin (1, 2); unused columns neutral
       const double charge_spin[2] = {model_charge_ ? charge_ : 0.0, model_spin_ ? spin_ : 1.0};
       inputs.emplace_back(torch::tensor({charge_spin[0], charge_spin[1]}, cpu_double).reshape({1, 2}).to(on_device));
     }
+    if (model_cell_) inputs.emplace_back(cell);
     atomic = model_->forward(inputs).toTensor();
     backend.in_backward = true;
-    auto grads = torch::autograd::grad({atomic.sum()}, {positions}, {}, false, false, true);
+    std::vector<torch::Tensor> wrt{positions};
+    if (strain.defined()) wrt.push_back(strain);
+    auto grads = torch::autograd::grad({atomic.sum()}, wrt, {}, false, false, true);
     forces = grads[0].defined() ? grads[0].neg() : torch::zeros_like(positions);
+    if (strain.defined()) {
+      const torch::Tensor w = grads[1].defined() ? grads[1].to(torch::kCPU, torch::kFloat64).contiguous()
+                                                 : torch::zeros({3, 3}, cpu_double);
+      const double *dw = w.data_ptr<double>();  // dE/dstrain, row-major
+      const int pairs[6][2] = {{0, 0}, {1, 1}, {2, 2}, {0, 1}, {0, 2}, {1, 2}};  // LAMMPS order
+      for (int k = 0; k < 6; k++)
+        strain_virial[k] = -energy_unit_ * 0.5 * (dw[3 * pairs[k][0] + pairs[k][1]] + dw[3 * pairs[k][1] + pairs[k][0]]);
+    }
     forces = forces.to(torch::kCPU, torch::kFloat64).contiguous();
     atomic = atomic.detach().to(torch::kCPU, torch::kFloat64).contiguous();
   } catch (const c10::Error &e) {
@@ -536,6 +579,32 @@ void PairEFA::compute(int eflag, int vflag)
   if (eflag_atom)
     for (int i = 0; i < nlocal; i++) eatom[i] += energy_unit_ * er[i];
   if (vflag_fdotr) virial_fdotr_compute();
+  if (model_cell_ && vflag_global)
+    for (int k = 0; k < 6; k++) virial[k] += strain_virial[k];
+}
+
+// What periodic EFA needs of the box at every step (it may change under fix npt/deform): a
+// volume, and at least one cutoff of perpendicular width in each direction (the rule of
+// efa_deploy.graph.check_periodic_cell). Every rank holds the same box: the error is collective.
+void PairEFA::check_periodic_cell()
+{
+  const double *h = domain->h;  // xprd yprd zprd yz xz xy
+  const double volume = h[0] * h[1] * h[2];
+  if (!(std::isfinite(volume) && volume > 0.0))
+    error->all(FLERR, "pair_style efa: the periodic box is degenerate (volume {}) at step {}", volume,
+               update->ntimestep);
+  // perpendicular widths of the LAMMPS cell a = (xprd, 0, 0), b = (xy, yprd, 0), c = (xz, yz, zprd)
+  const double wx = volume / std::sqrt(h[1] * h[1] * h[2] * h[2] + h[5] * h[5] * h[2] * h[2] +
+                                       (h[5] * h[3] - h[1] * h[4]) * (h[5] * h[3] - h[1] * h[4]));
+  const double wy = volume / std::sqrt(h[0] * h[0] * h[2] * h[2] + h[0] * h[0] * h[3] * h[3]);
+  const double wz = h[2];
+  const double width = std::min({wx, wy, wz});
+  if (width < cutoff_)
+    error->all(FLERR,
+               "pair_style efa: the periodic box is {:.3f} A wide (perpendicular width) at step {}, less than the "
+               "model's cutoff of {} A: replicate it ('replicate 2 2 2'); the periodic model gives the same energy "
+               "per atom in any supercell",
+               width, update->ntimestep, cutoff_);
 }
 
 void PairEFA::evaluation_failed(const std::string &reason)

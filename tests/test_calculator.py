@@ -78,7 +78,8 @@ def test_periodic_cell_needs_local_model(models):
     atoms.cell = [6.0, 6.0, 6.0]
     atoms.pbc = True
     atoms.calc = efa_deploy.EFACalculator(models / "efa.pt")
-    with pytest.raises(ValueError, match=r"global EFA term is not: use a finite structure \(pbc=False\), or a local model"):
+    with pytest.raises(ValueError, match=r"global EFA term is not: use a finite structure \(pbc=False\), or a model with "
+                       r"periodic EFA \(periodic_efa: true\) or a local model"):
         atoms.get_potential_energy()
     atoms.calc = efa_deploy.EFACalculator(models / "local.pt")
     assert np.isfinite(atoms.get_potential_energy())

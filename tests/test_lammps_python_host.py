@@ -156,7 +156,7 @@ def test_bad_unit_style(model_path, data_file):
 
 
 def test_periodic_box_with_a_non_periodic_model(model_path, data_file):
-    expect_error("global EFA term, which is not periodic; use 'boundary f f f' or 'boundary s s s'",
+    expect_error("global EFA term in its finite form, which is not periodic; use 'boundary f f f' or 'boundary s s s'",
                  data_file[0], model_path, boundary="p p p")
 
 

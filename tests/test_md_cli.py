@@ -89,7 +89,7 @@ BAD = [
     (["cluster.extxyz", "-m", "model.pt", "--temperature", "-10"], "--temperature must be > 0 K for nvt, not -10.0"),
     (["nitrogen.xyz", "-m", "model.pt"], "element(s) N not known to this model (it knows H, C, O)"),
     (["periodic.extxyz", "-m", "model.pt"], "is periodic (pbc=[True, True, True]) but this model's global EFA term is not"),
-    (["cluster.extxyz", "-m", "model.pt", "-e", "npt"], "npt needs a periodic box and a periodic model; this model's global EFA term is not periodic"),
+    (["cluster.extxyz", "-m", "model.pt", "-e", "npt"], "npt needs a periodic box and a periodic model; this model's global EFA term is in its finite form, which is not periodic"),
     (["cluster.data", "-m", "model.pt", "--elements", "H", "C"], "has 3 atom types but 2 elements were given"),
     (["cluster.data", "-m", "model.pt", "--elements", "H", "C", "Qq"], "unknown element symbol(s) Qq"),
     (["cluster.extxyz", "-m", "model.pt", "--elements", "H"], "elements are for LAMMPS data files"),

@@ -107,6 +107,7 @@ MUTATIONS = [
     ("provenance", DELETE, "is missing"),
     ("provenance.package_version", 1, "should be a string, got integer"),
 ]
+RIGHT_TYPE = {"string": "x", "integer": 7, "number": 1.5, "boolean": True, "array": [], "object": {}}
 WRONG_TYPE = {"string": 7, "integer": "7", "number": "7.0", "boolean": "true", "array": {"a": 1}, "object": [1]}
 
 
@@ -140,7 +141,8 @@ def schema_mutations(metadata: dict) -> list:
             cases += [(name, WithInput(needs, DELETE), f"is missing: the model takes the input '{needs}'"),
                       (name, WithInput(needs, WRONG_TYPE[spec["type"]]), "should be"),
                       (name, WithInput(needs, wrong_value(spec, None)), "must be"),
-                      (name, spec["enum"][0], f"is set but 'inputs' does not hold '{needs}'")]
+                      (name, spec.get("enum", [RIGHT_TYPE[spec["type"]]])[0],
+                       f"is set but 'inputs' does not hold '{needs}'")]
             continue
         good = lookup(metadata, name)[1]
         cases.append((name, DELETE, "is missing"))

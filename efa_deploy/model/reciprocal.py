@@ -39,9 +39,11 @@ from torch import Tensor
 
 
 def length_scales(num_channels: int, k_max: float, r_max: float) -> List[float]:
-    """Real-space widths l_m of the channels, geometric from 1.5 / k_max (the shortest the band
-    limit resolves) to r_max / 2 (the longest)."""
-    shortest, longest = 1.5 / k_max, max(r_max / 2.0, 1.5 / k_max)
+    """Real-space widths l_m of the channels, geometric from 3 / k_max (the shortest the band
+    limit carries: its Gaussian has fallen to exp(-4.5) = 1% at k_max, so the cut rings little)
+    to r_max / 2 (the longest)."""
+    shortest = 3.0 / k_max
+    longest = max(r_max / 2.0, shortest)
     if num_channels == 1:
         return [longest]
     return [float(shortest * (longest / shortest) ** (m / (num_channels - 1))) for m in range(num_channels)]
