@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import ionic_reference as ref  # noqa: E402
 
-BOXES = {"b16": (16, 9.2, 900), "b24": (24, 10.5, 900), "b40": (40, 12.5, 500)}  # ions, side (A), frames
+BOXES = {"b16": (16, 9.2, 800), "b24": (24, 10.5, 800), "b40": (40, 12.5, 400)}  # ions, side (A), frames
 TRICLINIC_FRACTION, MAX_SHEAR = 0.2, 0.2
 VOLUME_SCALE = (0.9, 1.1)
 MIN_DISTANCE = 2.2  # A, of the random start
@@ -91,9 +91,11 @@ class MonteCarlo:
         self.ke = ref.COULOMB_EV_A / ref.EPSILON_R
         self.alpha = 3.2 / self.R_CUT
         k = ref.kvectors(torch.tensor(cell), 2.0 * self.alpha * math.sqrt(10.0)).numpy()
-        k2 = (k * k).sum(axis=1)
-        self.k, k2 = k[k2 > 0], k2[k2 > 0]
-        self.weight = 2.0 * math.pi / abs(np.linalg.det(cell)) * np.exp(-k2 / (4 * self.alpha ** 2)) / k2
+        m = np.round(k @ cell.T / (2.0 * math.pi)).astype(int)  # keep one of each pair k, -k (weight 2)
+        first = m[np.arange(len(m)), np.argmax(m != 0, axis=1)]
+        self.k = k[first > 0]
+        k2 = (self.k * self.k).sum(axis=1)
+        self.weight = 4.0 * math.pi / abs(np.linalg.det(cell)) * np.exp(-k2 / (4 * self.alpha ** 2)) / k2
         self.structure = (self.q[:, None] * np.exp(1j * positions @ self.k.T)).sum(axis=0)
         self.a, self.rho, self.rc = ref.BORN_MAYER_A, ref.BORN_MAYER_RHO, ref.REPULSION_CUTOFF
         self.g_c = self.a * math.exp(-self.rc / self.rho)
