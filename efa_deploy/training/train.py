@@ -309,16 +309,22 @@ class Run:
                                          (~torch.isfinite(p["forces"].detach())).sum().to(self.dtype)])
         except Exception as err:  # noqa: BLE001 - every rank must hear of it (distributed.agree)
             error = err
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [stats])
         if self.world.size > 1:
+            # gradients, then which parameters have one on any rank (unused ones keep None, as in one
+            # process), then the stats and the failure flag: one all_reduce
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            used = torch.tensor([p.grad is not None for p in params], dtype=self.dtype, device=self.device)
+            flat = torch.cat([g.reshape(-1) for g in grads] + [used, stats])
             flat = agree(flat.to(self.comm_device), self.world, error).to(self.device)
-            offset = 0
-            for p, g in zip(params, grads):
-                p.grad = flat[offset: offset + g.numel()].view_as(g)
+            offset, used = 0, flat[-6 - len(params):-6].tolist()
+            for p, g, u in zip(params, grads, used):
+                p.grad = flat[offset: offset + g.numel()].view_as(g) if u > 0 else None
                 offset += g.numel()
         elif error is not None:
             raise error
+        else:
+            flat = stats
+        params = [p for p in params if p.grad is not None]
         stats = flat[-6:]
         if tc.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, tc.clip_grad_norm)
