@@ -8,6 +8,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 import yaml
 
 from efa_deploy.checkpoint import load_checkpoint
+from efa_deploy.training.distributed import FAIL_ENV
 from efa_deploy.training.train import Run, train
 
 from helpers import lj_structures, tiny_config, write_npz
@@ -79,31 +81,41 @@ def build_initial(run_folder: Path) -> dict:
     return Run(config).model.state_dict()
 
 
+@pytest.fixture(scope="module")
+def failed_run(two_rank_runs, tmp_path_factory):
+    """The EFA run of two_rank_runs under torchrun with rank 1 failing before step 7 (the test
+    hook EFA_TEST_FAIL_AT): last.ckpt is the one of step 4."""
+    path, _, _ = two_rank_runs["efa"]
+    out = tmp_path_factory.mktemp("failed") / "run"
+    start = time.monotonic()
+    result = torchrun(path, "-o", out, "--device", "cpu", timeout=120, env={FAIL_ENV: "1:6"})
+    return path, out, result, time.monotonic() - start
+
+
 @pytest.mark.mpi
-def test_resume_under_torchrun_is_bit_identical(two_rank_runs, tmp_path):
-    path, _, uninterrupted = two_rank_runs["efa"]
-    first = torchrun(path, "-o", tmp_path / "run", "--epochs", "1", "--device", "cpu")
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "run" / "last.ckpt")["step"] == 5
-    resumed = torchrun(path, "-o", tmp_path / "run", "--epochs", "2", "--resume", "--device", "cpu")
+def test_a_failure_on_one_rank_ends_every_rank_with_its_message(failed_run):
+    _, out, result, seconds = failed_run
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "injected failure on rank 1 at step 6" in output
+    assert "efa-train: error: rank 1 failed: RuntimeError: injected failure on rank 1 at step 6" in output  # rank 0
+    assert seconds < 100
+    assert load_checkpoint(out / "last.ckpt")["step"] == 4
+
+
+@pytest.mark.mpi
+def test_resume_under_torchrun_is_bit_identical(two_rank_runs, failed_run):
+    path, out, _, _ = failed_run
+    resumed = torchrun(path, "-o", out, "--resume", "--device", "cpu")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_checkpoint(uninterrupted / "last.ckpt"), load_checkpoint(tmp_path / "run" / "last.ckpt")
+    a, b = load_checkpoint(two_rank_runs["efa"][2] / "last.ckpt"), load_checkpoint(out / "last.ckpt")
     assert a["step"] == b["step"] == 10
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
     for key in ("model", "ema"):
         for k, v in a[key].items():
             assert torch.equal(v, b[key][k]), (key, k)
-
-
-@pytest.mark.mpi
-def test_a_failure_on_one_rank_ends_every_rank_with_its_message(two_rank_runs, tmp_path):
-    path, _, _ = two_rank_runs["local"]
-    result = torchrun(path, "-o", tmp_path / "run", "--device", "cpu", timeout=90,
-                      env={"EFA_TEST_FAIL_AT": "1:3"})
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "injected failure on rank 1 at step 3" in output
-    assert "rank 1 failed: RuntimeError: injected failure on rank 1 at step 3" in output  # rank 0 says why it stopped
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows == (two_rank_runs["efa"][2] / "metrics.csv").read_text().splitlines()[:1] + rows[1:] and len(rows) == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
