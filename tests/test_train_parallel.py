@@ -127,9 +127,7 @@ def test_a_cuda_step_equals_the_cpu_step(tmp_path):
         config = tiny_config(data, tmp_path / device, dtype="float32", device=device, epochs=1, batch_size=8)
         config["model"].update(MODELS["efa"])
         run = Run(config)
-        run.comm_device, run.clock_start = torch.device("cpu") if device == "cpu" else run.device, 0.0
-        batch = run.train_set.batch(run.batch_indices(0))
-        run.train_step(batch, (len(batch.energy), len(batch.forces), 0))
+        run.train_step()
         states[device] = {k: v.cpu() for k, v in run.model.state_dict().items()}
     for k, v in states["cpu"].items():
         if v.is_floating_point():

@@ -276,8 +276,10 @@ def structure_item(atoms: Atoms, atomic_numbers: Sequence[int], cutoff: float, d
                  torch.tensor(cell, dtype=dtype).reshape(1, 3, 3), torch.tensor([len(atoms)]))
 
 
-def collate_items(items: Sequence[Batch]) -> Batch:
-    """One batch from batches (DataLoader's collate_fn)."""
+def collate_items(items: Sequence[Batch]) -> Batch | None:
+    """One batch from batches (DataLoader's collate_fn); None for none (a rank's empty shard)."""
+    if not items:
+        return None
     return Batch(collate([b.graph for b in items]),
                  *(torch.cat([getattr(b, f.name) for b in items]) for f in dataclasses.fields(Batch)[1:]))
 

@@ -179,6 +179,8 @@ class Run:
         self.val_metrics: dict = {}
         # the first non-finite step and what was not finite (NON_FINITE), kept on the device
         self.first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
+        self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.clock_start = time.monotonic()
         if ckpt is not None:
             self._restore(ckpt)
 
@@ -277,10 +279,15 @@ class Run:
             return None
         return float(counts[0]), float(counts[1]), float(counts[2])
 
-    def train_step(self, batch, counts: tuple[float, float, float]) -> torch.Tensor:
-        """One optimiser step on this rank's shard of the global batch; returns (loss, energy
-        MAE, force MAE) of the global batch as a tensor on the device."""
+    def train_step(self, batch=None, counts: tuple[float, float, float] | None = None) -> torch.Tensor:
+        """One optimiser step on this rank's shard of the global batch (by default, read here
+        with its counts); returns (loss, energy MAE, force MAE) of the global batch as a tensor
+        on the device."""
         tc = self.tc
+        if batch is None:
+            batch = collate_items([self.train_set[int(i)] for i in self.world.shard(self.batch_indices(self.step))])
+        if counts is None:
+            counts = self.begin_step(batch)
         if tc.schedule == "time":
             progress = min(self.elapsed / tc.time_budget, 1.0)
             for group in self.optimizer.param_groups:
@@ -392,7 +399,6 @@ class Run:
 
         tc, world = self.tc, self.world
         budget = tc.time_budget
-        self.comm_device = self.device if self.device.type == "cuda" else torch.device("cpu")
         self.clock_start, last_plot = time.monotonic() - self.elapsed, time.monotonic()
         first_step, first_elapsed = self.step, self.elapsed
         # with a time budget the bar's total is where the budget will run out (not the epoch bound),
