@@ -171,7 +171,7 @@ def train() -> None:
 
 
 def test_split(config: dict):
-    from efa_deploy.splits import load_splits
+    from efa_deploy.training.splits import load_splits
 
     splits = load_splits(config["data"])
     return splits.test, splits.indices["test"]
@@ -181,8 +181,8 @@ def model_errors(module, metadata: dict, structures) -> dict:
     """Energy (per structure and per atom, eV) and force (per component, eV/A) MAE and RMSE."""
     import torch
 
-    from efa_deploy.data import GraphDataset
-    from efa_deploy.metrics import evaluate
+    from efa_deploy.training.data import GraphDataset
+    from efa_deploy.training.metrics import evaluate
 
     dtype = getattr(torch, metadata["dtype"])
     return evaluate(module, GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], dtype), 32)
@@ -199,7 +199,7 @@ def export_run(run: Path, model_path: Path, structure: Path, made_by: str, refer
     import torch
 
     from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
-    from efa_deploy.data import file_digest
+    from efa_deploy.training.data import file_digest
     from efa_deploy.model import build_model
     from efa_deploy.modelfile import load_model_file, save_model_file
 

@@ -74,7 +74,7 @@ def lj_structures(count: int, seed: int = 0, elements=(6, 8), n_atoms=(3, 6)) ->
 
 
 def write_npz(path, structures, pad_to: int | None = None, **overrides) -> None:
-    """The npz layout efa_deploy.data reads, padding every structure to pad_to atoms."""
+    """The npz layout efa_deploy.training.data reads, padding every structure to pad_to atoms."""
     n = pad_to or max(len(a) for a in structures)
     s = len(structures)
     arrays = {

@@ -289,7 +289,7 @@ def test_efa_md_unwritable_output_on_two_ranks_does_not_hang(files):
 def checkpoint(tmp_path_factory):
     from helpers import lj_structures, tiny_config, write_npz
 
-    from efa_deploy.train import train
+    from efa_deploy.training.train import train
 
     root = tmp_path_factory.mktemp("ckpt")
     write_npz(root / "lj.npz", lj_structures(40, seed=3), pad_to=6)

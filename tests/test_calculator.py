@@ -14,7 +14,7 @@ from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
 from efa_deploy.cli.export import export_checkpoint
 from efa_deploy.graph import batch_graph
 from efa_deploy.model import energy_and_forces
-from efa_deploy.train import train
+from efa_deploy.training.train import train
 
 from helpers import lj_structures, tiny_config, write_npz
 

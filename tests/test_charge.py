@@ -16,13 +16,13 @@ from efa_deploy import EFACalculator
 from efa_deploy.cli.eval import evaluate_file
 from efa_deploy.cli.export import main as export_main
 from efa_deploy.cli.md import main as efa_md_main
-from efa_deploy.data import GraphDataset, fit_energy_shifts, load_structures
+from efa_deploy.training.data import GraphDataset, fit_energy_shifts, load_structures
 from efa_deploy.graph import batch_graph
 from efa_deploy.lammps import EFASimulation
 from efa_deploy.model import ChargedEnergyModel, EnergyModel, ModelConfig, build_model, energy_and_forces
 from efa_deploy.modelfile import convert_model_file, load_model_file, read_metadata, rebuild_model, save_model_file
-from efa_deploy.metrics import evaluate
-from efa_deploy.train import Run
+from efa_deploy.training.metrics import evaluate
+from efa_deploy.training.train import Run
 
 from helpers import (TINY_MODEL, jittered_cluster, lj_structures, randomised_model, run_lammps, static_run, tiny_config,
                      write_data, write_npz)

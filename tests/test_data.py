@@ -9,7 +9,7 @@ import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from efa_deploy.data import GraphDataset, collate, fit_energy_shifts, load_structures
+from efa_deploy.training.data import GraphDataset, collate, fit_energy_shifts, load_structures
 from efa_deploy.graph import batch_graph
 
 from helpers import lj_structures, write_npz

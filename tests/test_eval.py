@@ -12,8 +12,8 @@ from efa_deploy.cli.eval import main
 from efa_deploy.cli.export import export_checkpoint
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
-from efa_deploy.splits import split_indices
-from efa_deploy.train import train
+from efa_deploy.training.splits import split_indices
+from efa_deploy.training.train import train
 
 from helpers import TINY_MODEL, lj_structures, randomised_model, tiny_config, write_npz
 

@@ -8,9 +8,9 @@ import torch
 from efa_deploy import __version__
 from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
 from efa_deploy.cli.export import check_model_file, compare, held_out_structures, main
-from efa_deploy.data import file_digest
+from efa_deploy.training.data import file_digest
 from efa_deploy.modelfile import load_model_file
-from efa_deploy.train import train
+from efa_deploy.training.train import train
 
 from helpers import lj_structures, tiny_config, write_npz
 

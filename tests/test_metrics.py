@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from efa_deploy.data import GraphDataset
+from efa_deploy.training.data import GraphDataset
 from efa_deploy.graph import structure_graph
-from efa_deploy.metrics import Predictions, error_report, error_summary, evaluate, predict
+from efa_deploy.training.metrics import Predictions, error_report, error_summary, evaluate, predict
 from efa_deploy.model import ModelConfig, energy_and_forces
 
 from helpers import TINY_MODEL, lj_structures, randomised_model

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from efa_deploy import plots
-from efa_deploy.metrics import Predictions
+from efa_deploy.training.metrics import Predictions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -12,10 +12,10 @@ import torch
 from ase.io import read
 
 from efa_deploy.calculator import EFACalculator
-from efa_deploy.data import GraphDataset, file_digest, load_structures
+from efa_deploy.training.data import GraphDataset, file_digest, load_structures
 from efa_deploy.graph import system_extent
 from efa_deploy.lammps import EFASimulation
-from efa_deploy.metrics import evaluate
+from efa_deploy.training.metrics import evaluate
 from efa_deploy.modelfile import load_model_file
 
 from helpers import REPO

@@ -5,8 +5,8 @@ import ase.io
 import numpy as np
 import pytest
 
-from efa_deploy.splits import group_split, load_splits, split_indices
-from efa_deploy.train import Run
+from efa_deploy.training.splits import group_split, load_splits, split_indices
+from efa_deploy.training.train import Run
 
 from helpers import lj_structures, tiny_config, write_npz
 
@@ -161,7 +161,7 @@ def test_split_by_ase_db_key(tmp_path):
 def test_export_check_takes_the_held_out_set_of_the_checkpoint(tmp_path):
     from efa_deploy.checkpoint import load_checkpoint
     from efa_deploy.cli.export import held_out_structures
-    from efa_deploy.train import train
+    from efa_deploy.training.train import train
 
     train_set, val = lj_structures(12, seed=1), lj_structures(4, seed=2)
     write_npz(tmp_path / "train.npz", train_set)

@@ -15,9 +15,9 @@ import yaml
 
 from efa_deploy.checkpoint import load_checkpoint, non_finite_tensors
 from efa_deploy.cli.train import build_config, main, make_parser
-from efa_deploy.data import fit_energy_shifts, load_structures
-from efa_deploy.splits import split_indices
-from efa_deploy.train import Run, steps_within_budget, train
+from efa_deploy.training.data import fit_energy_shifts, load_structures
+from efa_deploy.training.splits import split_indices
+from efa_deploy.training.train import Run, steps_within_budget, train
 
 from helpers import lj_structures, tiny_config, write_npz
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from efa_deploy.train_config import DOCS_END, DOCS_START, DataConfig, TrainConfig, TrainingConfig, reference_markdown
+from efa_deploy.training.config import DOCS_END, DOCS_START, DataConfig, TrainConfig, TrainingConfig, reference_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -63,4 +63,4 @@ def test_docs_carry_the_current_config_reference():
     assert DOCS_START in text and DOCS_END in text
     embedded = text.split(DOCS_START)[1].split(DOCS_END)[0]
     assert embedded.strip() == reference_markdown().strip(), (
-        "docs/training.md is out of date: run `python -m efa_deploy.train_config --write-docs docs/training.md`")
+        "docs/training.md is out of date: run `python -m efa_deploy.training.config --write-docs docs/training.md`")

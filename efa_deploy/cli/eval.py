@@ -26,15 +26,15 @@ SETS = ("train", "validation", "test")
 
 def structures_of(data: str | Path, split: str | None) -> list:
     """The structures of a data file, or one set of the split a training config describes."""
-    from ..data import load_structures
+    from ..training.data import load_structures
 
     if Path(data).suffix not in (".yaml", ".yml"):
         if split is not None:
             raise ValueError(f"--split {split} picks a set of a training config's split; {data} is a data file "
                              "(give a YAML config, or leave --split out)")
         return load_structures(data)
-    from ..splits import load_splits
-    from ..train_config import TrainConfig, read_yaml
+    from ..training.splits import load_splits
+    from ..training.config import TrainConfig, read_yaml
 
     chosen = getattr(load_splits(TrainConfig.from_dict(read_yaml(data)).data), split or "test")
     if not chosen:
@@ -42,18 +42,21 @@ def structures_of(data: str | Path, split: str | None) -> list:
     return chosen
 
 
-def evaluate_file(model: str | Path, data: str | Path, batch_size: int = 16, split: str | None = None):
+def evaluate_file(model: str | Path, data: str | Path, batch_size: int = 16, split: str | None = None,
+                  device: str = "cpu"):
     """(error report, Predictions) of a model file or checkpoint on every structure of a data
     file (or on one set of a training config's split)."""
     from ..calculator import load_any
-    from ..data import GraphDataset
-    from ..metrics import error_report, predict
+    from ..training.data import GraphDataset
+    from ..training.distributed import World, resolve_device
+    from ..training.metrics import error_report, predict
 
-    module, metadata = load_any(model)
+    device = resolve_device(device, World())
+    module, metadata = load_any(model, str(device))
     structures = structures_of(data, split)
     dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], getattr(torch, metadata["dtype"]),
                            metadata.get("global_inputs", []), str(data))
-    predictions = predict(module, dataset, batch_size)
+    predictions = predict(module, dataset, batch_size, device)
     bad = np.flatnonzero(~np.isfinite(predictions.energy))
     if len(bad):
         raise ValueError(f"the model predicts a non-finite energy for structure {bad[0]} of {data}; "
@@ -81,6 +84,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the errors as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="write a parity plot")
     p.add_argument("--batch-size", type=int, default=16, help="structures per evaluation batch (default 16)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where the model runs (default cpu; auto: a GPU when torch sees one)")
     return p
 
 
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         if args.plot and not Path(args.plot).resolve().parent.is_dir():
             raise ValueError(f"--plot {args.plot}: the folder {Path(args.plot).parent} does not exist; create it first")
-        report, predictions = evaluate_file(args.model, args.data, args.batch_size, args.split)
+        report, predictions = evaluate_file(args.model, args.data, args.batch_size, args.split, args.device)
         source = Path(args.data).name
         if Path(args.data).suffix in (".yaml", ".yml"):
             source += f" ({args.split or 'test'} set)"

@@ -20,7 +20,6 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..data import global_inputs_of, load_structures
 from ..graph import batch_graph
 from ..model import energy_and_forces
 from ..modelfile import convert_model_file, load_model_file, save_model_file
@@ -65,9 +64,11 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, weights: str =
 def held_out_structures(ckpt: dict, data_path: str | Path | None = None, count: int = 32) -> list:
     """Up to `count` structures the model was not trained on: from data_path if given, else the
     checkpoint's test split (its validation split when the test split is empty)."""
+    from ..training.data import load_structures
+    from ..training.splits import load_splits
+
     if data_path is not None:
         return load_structures(data_path)[:count]
-    from ..splits import load_splits
 
     data = ckpt["train_config"]["data"]
     for key in ("path", "validation", "test"):
@@ -78,16 +79,18 @@ def held_out_structures(ckpt: dict, data_path: str | Path | None = None, count: 
 
 
 def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list, atomic_numbers, cutoff: float,
-            dtype: torch.dtype, batch_size: int = 16, global_inputs: Sequence[str] = ()) -> dict:
+            dtype: torch.dtype, batch_size: int = 16, global_inputs: Sequence[str] = (), device: str = "cpu") -> dict:
     """Largest |difference| of energies, forces and per-atom energies between two models; NaN
     when either model gives NaN or inf. global_inputs: the models' (their charges and spins
     come from the structures' info)."""
+    from ..training.data import global_inputs_of
+
     worst = {"energy": 0.0, "forces": 0.0, "energies": 0.0}
     charge_spin = global_inputs_of(structures, global_inputs, "the check data") if global_inputs else None
     for start in range(0, len(structures), batch_size):
         part = slice(start, start + batch_size)
         graph = batch_graph(structures[part], atomic_numbers, cutoff, dtype,
-                            None if charge_spin is None else charge_spin[part])
+                            None if charge_spin is None else charge_spin[part]).to(device)
         a = energy_and_forces(scripted, *graph.inputs())
         b = energy_and_forces(eager, *graph.inputs())
         for key, x, y in zip(("energy", "forces", "energies"), a, b):
@@ -100,15 +103,20 @@ def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list,
 
 
 def check_model_file(model_file: str | Path, checkpoint: str | Path, weights: str = "ema",
-                     data_path: str | Path | None = None, count: int = 32) -> dict:
-    """Reload model_file and compare it with the checkpoint's eager model on held-out data."""
-    scripted, metadata = load_model_file(model_file)
+                     data_path: str | Path | None = None, count: int = 32, device: str = "cpu") -> dict:
+    """Reload model_file (on `device`: auto, cpu or cuda) and compare it with the checkpoint's
+    eager model on held-out data."""
+    from ..training.distributed import World, resolve_device
+
+    device = str(resolve_device(device, World()))
+    scripted, metadata = load_model_file(model_file, device)
     ckpt = load_checkpoint(checkpoint)
     eager, config = eager_model(ckpt, checkpoint, weights)
+    eager = eager.to(device)
     structures = held_out_structures(ckpt, data_path, count)
     dtype = next(eager.parameters()).dtype
     worst = compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, dtype,
-                    global_inputs=config.global_inputs)
+                    global_inputs=config.global_inputs, device=device)
     tol = CHECK_TOLERANCE[metadata["dtype"]]
     finite = all(math.isfinite(v) for v in worst.values())
     return {"structures": len(structures), "max_abs_diff": {k: v if math.isfinite(v) else None for k, v in worst.items()},
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="reload the file and compare it with the eager model")
     p.add_argument("--check-data", help="structures for --check (default: the checkpoint's held-out split)")
     p.add_argument("--check-count", type=int, default=32, help="number of structures for --check")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu",
+                   help="where --check runs the model file and the eager model (the file itself is device independent)")
     args = p.parse_args(argv)
     weights = "model" if args.weights == "raw" else "ema"
     if (args.checkpoint is None) == (args.from_model is None):
@@ -139,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.output}: elements {' '.join(metadata['elements'])}, cutoff {metadata['cutoff']} A, "
               f"EFA {'on' if metadata['efa']['enabled'] else 'off'}, {metadata['dtype']}")
         if args.check:
-            result = check_model_file(args.output, args.checkpoint, weights, args.check_data, args.check_count)
+            result = check_model_file(args.output, args.checkpoint, weights, args.check_data, args.check_count,
+                                      args.device)
             print(json.dumps(result, indent=1, allow_nan=False))
             if not result["passed"]:
                 reason = (f"differences above {result['tolerance']}" if result["finite"]

@@ -2,6 +2,7 @@
 
     efa-train config.yaml [--set training.lr=5e-4 ...] [-o runs/x] [--epochs 50] [--time-budget 900]
     efa-train --resume -o runs/x          # continue a killed run from runs/x/last.ckpt
+    torchrun --nproc-per-node 2 efa-train config.yaml [--resume]   # data-parallel on 2 processes
 
 Relative paths in the YAML file (data.path, data.validation, data.test, output) are relative to
 that file; paths given on the command line are relative to the current directory. Every setting
@@ -19,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import load_checkpoint
-from ..train import TrainingDiverged, train
-from ..train_config import DATA_FILES, TrainConfig, read_yaml
+from ..training.config import DATA_FILES, TrainConfig, read_yaml
+from ..training.distributed import RankFailed, world_from_env
+from ..training.train import TrainingDiverged, train
 
 
 def parse_set(items: list[str]) -> dict:
@@ -65,7 +67,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         cli["data"]["path"] = str(Path(args.data).resolve())
     if args.output is not None:
         cli["output"] = str(Path(args.output).resolve())
-    for key in ("epochs", "time_budget", "dtype", "seed", "batch_size", "threads", "checkpoint_every"):
+    for key in ("epochs", "time_budget", "dtype", "seed", "batch_size", "threads", "checkpoint_every", "device",
+                "workers"):
         if getattr(args, key) is not None:
             cli["training"][key] = getattr(args, key)
     if args.no_progress:
@@ -94,6 +97,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--threads", type=int, help="torch threads (default 1)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default auto: a GPU if torch sees one)")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes per rank (default 0)")
     p.add_argument("--efa", dest="efa", action="store_true", default=None, help="EFA on every layer")
     p.add_argument("--no-efa", dest="efa", action="store_false", help="the local baseline")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -110,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False))
             return 0
         summary = train(config, resume=args.resume)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, RankFailed) as err:
         print(f"efa-train: error: {err}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"efa-train: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
+    if world_from_env().main:
+        print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -155,9 +155,9 @@ def train(name: str, variant: str, seed: int, minutes: float) -> None:
 
 def test_prediction(path: Path) -> Prediction:
     from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
-    from efa_deploy.data import GraphDataset
-    from efa_deploy.metrics import error_summary, predict
-    from efa_deploy.splits import load_splits
+    from efa_deploy.training.data import GraphDataset
+    from efa_deploy.training.metrics import error_summary, predict
+    from efa_deploy.training.splits import load_splits
 
     best = load_checkpoint(path / "best.ckpt")
     model, config = model_from_checkpoint(best, "ema")

@@ -60,9 +60,9 @@ def evaluate_test(name: str, kind: str) -> dict:
     import torch
 
     from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
-    from efa_deploy.data import GraphDataset
-    from efa_deploy.metrics import evaluate
-    from efa_deploy.splits import load_splits
+    from efa_deploy.training.data import GraphDataset
+    from efa_deploy.training.metrics import evaluate
+    from efa_deploy.training.splits import load_splits
 
     torch.set_num_threads(1)
     run = HERE / "runs" / f"{name}_{kind}"
@@ -87,7 +87,7 @@ def local_lower_bound(name: str) -> dict:
     and zero forces. Counted over the whole test split, exact everywhere else."""
     import numpy as np
 
-    from efa_deploy.splits import load_splits
+    from efa_deploy.training.splits import load_splits
 
     data = yaml.safe_load(DATASETS[name]["config"].read_text())
     cutoff = data["model"]["cutoff"]

@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 from ase import Atoms
 
-from .data import load_structures
-from .train_config import DataConfig, TrainConfig
+from .data import DbRows, open_structures
+from .config import DataConfig, TrainConfig
 
 
 def split_indices(n: int, sizes: Sequence[int | float | None], seed: int) -> list[np.ndarray]:
@@ -55,12 +55,19 @@ def group_split(groups: Sequence, sizes: Sequence[int | float | None], seed: int
 
 def group_ids(structures: Sequence[Atoms], key: str, source: str) -> np.ndarray:
     """The group id of every structure: its info[key] (an npz array of shape (S,), an extxyz/db info key)."""
-    for i, atoms in enumerate(structures):
-        if key not in atoms.info:
-            known = ", ".join(sorted(atoms.info)) or "none"
-            raise ValueError(f"data.split_by is '{key}' but structure {i} of {source} has no '{key}' (its keys: "
-                             f"{known}); add a per-structure '{key}' array (npz) or info key (extxyz)")
-    ids = [atoms.info[key] for atoms in structures]
+    if isinstance(structures, DbRows):  # streamed from the database's key-value pairs
+        ids = structures.info_column(key)
+        if None in ids:
+            i = ids.index(None)
+            raise ValueError(f"data.split_by is '{key}' but row {int(structures.ids[i])} of {source} has no '{key}'; "
+                             f"add the key-value pair '{key}' to every row")
+    else:
+        for i, atoms in enumerate(structures):
+            if key not in atoms.info:
+                known = ", ".join(sorted(atoms.info)) or "none"
+                raise ValueError(f"data.split_by is '{key}' but structure {i} of {source} has no '{key}' (its keys: "
+                                 f"{known}); add a per-structure '{key}' array (npz) or info key (extxyz)")
+        ids = [atoms.info[key] for atoms in structures]
     if not all(isinstance(v, (int, str, np.integer, np.str_)) for v in ids):
         raise ValueError(f"data.split_by '{key}' must hold one whole number or string per structure, "
                          f"got {type(ids[0]).__name__}; store a trajectory or system id")
@@ -76,12 +83,15 @@ class Splits:
     indices: dict
 
 
-def load_splits(data: DataConfig | dict) -> Splits:
-    """The three sets a data config describes (a dict is a data section saved in a checkpoint)."""
+def plan_splits(data: DataConfig | dict) -> dict[str, tuple[Sequence[Atoms], np.ndarray]]:
+    """For each set (train, validation, test): (the structures it is drawn from, its indices
+    there). The structures are a list in memory, or DbRows (an ASE database read on demand), so
+    that a data set larger than memory is split without being loaded. A dict is a data section
+    saved in a checkpoint."""
     dc = TrainConfig.from_dict({"data": data}).data if isinstance(data, dict) else data
     if not dc.path:
         raise ValueError("data.path is not set: give the training data file (data.path in the config, or --data)")
-    structures = load_structures(dc.path)
+    structures = open_structures(dc.path)
     n = len(structures)
     groups = group_ids(structures, dc.split_by, dc.path) if dc.split_by else None
 
@@ -96,14 +106,26 @@ def load_splits(data: DataConfig | dict) -> Splits:
     else:
         train, val, test = split([dc.n_train, dc.n_val, dc.n_test])
         indices = {"train": train, "validation": val, "test": test}
-
-    def chosen(name: str, file: str | None) -> list[Atoms]:
-        if indices[name] is None:
-            return load_structures(file) if file is not None else []
-        return [structures[i] for i in indices[name]]
-
-    splits = Splits(chosen("train", None), chosen("validation", dc.validation), chosen("test", dc.test), indices)
-    if not splits.train or not splits.validation:
-        raise ValueError(f"the split leaves {len(splits.train)} training and {len(splits.validation)} validation "
+    plan = {}
+    for name, file in (("train", None), ("validation", dc.validation), ("test", dc.test)):
+        if indices[name] is not None:
+            plan[name] = (structures, indices[name])
+        elif file is not None:
+            other = open_structures(file)
+            plan[name] = (other, np.arange(len(other)))
+        else:
+            plan[name] = ([], np.zeros(0, dtype=np.int64))
+    sizes = {name: len(idx) for name, (_, idx) in plan.items()}
+    if not sizes["train"] or not sizes["validation"]:
+        raise ValueError(f"the split leaves {sizes['train']} training and {sizes['validation']} validation "
                          "structures; change data.n_train/n_val (or give data.validation)")
-    return splits
+    plan["indices"] = indices
+    return plan
+
+
+def load_splits(data: DataConfig | dict) -> Splits:
+    """The three sets a data config describes, in memory (a dict is a data section saved in a
+    checkpoint)."""
+    plan = plan_splits(data)
+    chosen = [[source[int(i)] for i in idx] for source, idx in (plan[name] for name in ("train", "validation", "test"))]
+    return Splits(*chosen, plan["indices"])

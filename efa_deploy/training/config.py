@@ -5,8 +5,8 @@ values of the wrong type and values out of range are errors naming the key and t
 Values are converted by the field's type, so `lr: 1e-3` (a string to YAML 1.1) is a float
 and `epochs: "30"` an integer, while a string in a string field stays a string.
 
-    python -m efa_deploy.train_config                                # prints the config reference
-    python -m efa_deploy.train_config --write-docs docs/training.md  # refreshes it in the docs
+    python -m efa_deploy.training.config                                # prints the config reference
+    python -m efa_deploy.training.config --write-docs docs/training.md  # refreshes it in the docs
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from .model import ModelConfig
+from ..model import ModelConfig
 
 DEFAULT_OUTPUT = "runs/efa"
 DATA_FILES = ("path", "validation", "test")  # the data settings that name files
@@ -73,12 +73,18 @@ class TrainingConfig:
                                      "resumable) or over the `time_budget`", choices=("steps", "time"))
     energy_weight: float = setting(0.01, "weight of the squared energy error in the loss", NON_NEGATIVE)
     forces_weight: float = setting(0.99, "weight of the squared force error in the loss", NON_NEGATIVE)
+    stress_weight: float = setting(0.0, "weight of the squared stress error (eV/A^3 components) in the loss; "
+                                        "structures without a stress add nothing", NON_NEGATIVE)
     ema_decay: float = setting(0.999, "decay of the exponential moving average of the weights",
                                (lambda v: 0 <= v < 1, "in [0, 1)"))
     clip_grad_norm: float | None = setting(None, "largest gradient norm (null: no clipping)", POSITIVE)
     checkpoint_every: int = setting(500, "steps between checkpoints (last.ckpt)", AT_LEAST_1)
     val_batch_size: int = setting(8, "structures per validation batch", AT_LEAST_1)
-    threads: int = setting(1, "torch threads", AT_LEAST_1)
+    threads: int = setting(1, "torch threads (per process)", AT_LEAST_1)
+    device: str = setting("auto", "where training runs: auto takes a GPU when torch sees one (under torchrun, "
+                                  "the GPU of the local rank)", choices=("auto", "cpu", "cuda"))
+    workers: int = setting(0, "DataLoader worker processes that read structures and build neighbour lists "
+                              "(per rank; 0: in the training process)", NON_NEGATIVE)
     progress: bool = setting(True, "show a progress bar")
     plot_every: float = setting(30.0, "seconds between learning-curve redraws (always drawn at the end)",
                                 NON_NEGATIVE)
@@ -134,7 +140,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 # settings a resumed run may change; everything else must match the checkpoint
 RESUMABLE = ("training.epochs", "training.time_budget", "training.checkpoint_every", "training.threads",
-             "training.progress", "training.plot_every",
+             "training.progress", "training.plot_every", "training.device", "training.workers",
              "data.path")  # the sha256 of the data is checked instead
 SPLIT_SETTINGS = ("n_train", "n_val", "n_test", "split_seed", "split_by")
 
