@@ -19,6 +19,7 @@ heavy-atom contact < 1.6 A or H-H contact < 0.8 A would be rejected (the log cou
     OMP_NUM_THREADS=1 python examples/periodic/make_water_xtb.py sample   # configurations (minutes)
     OMP_NUM_THREADS=1 python examples/periodic/make_water_xtb.py label    # GFN1-xTB (about 35 min on one core)
     OMP_NUM_THREADS=1 python examples/periodic/make_water_xtb.py time     # time a few single points
+    python examples/periodic/make_water_xtb.py summary                    # statistics into the .json file
 
 Output: examples/periodic/data/water_ions_gfn1.extxyz (Lattice, pbc="T T T", energy/forces/stress
 as calculator results; info keys run, system, n_waters, ion_distance, scf_seconds).
@@ -292,6 +293,7 @@ def label(args) -> None:
         out.append(labelled)
         if (k + 1) % 20 == 0:
             print(f"{k + 1}/{len(frames)} frames, {len(failed)} failed, {time.monotonic() - start:.0f} s", flush=True)
+            write(args.output, out, format="extxyz")  # a partial file, rewritten as frames are added
         if args.budget and time.monotonic() - start > args.budget:
             print(f"time budget of {args.budget} s reached after {k + 1} frames", flush=True)
             break
@@ -306,6 +308,44 @@ def label(args) -> None:
     print(f"wrote {args.output}: {len(out)} frames, {len(failed)} failed SCF, {elapsed:.0f} s")
 
 
+def summarise(args) -> None:
+    """Per kind of box: energy spread, stress, and how much of the ion boxes' energy variance the
+    Na-Cl distance explains among frames with the ions more than 5 A apart (beyond a 4.5 A cutoff):
+    R^2 of a fit of E on 1/d, and its slope. Written into the JSON file beside the data."""
+    from ase.io import read
+
+    frames = read(args.output, ":")
+    summary_path = args.output.with_suffix(".json")
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    kinds = {}
+    for key in sorted({(a.info["system"], a.info["n_waters"]) for a in frames}):
+        group = [a for a in frames if (a.info["system"], a.info["n_waters"]) == key]
+        energy = np.array([a.get_potential_energy() for a in group])
+        stress = np.array([a.get_stress() for a in group])
+        forces = np.concatenate([a.get_forces().ravel() for a in group])
+        row = {"frames": len(group), "runs": len({a.info["run"] for a in group}), "atoms": len(group[0]),
+               "energy_std_eV": round(float(energy.std()), 4), "force_rms_eV_A": round(float(np.sqrt(np.mean(forces**2))), 3),
+               "pressure_mean_GPa": round(float(-stress[:, :3].mean() * 160.21766), 2),
+               "stress_std_eV_A3": round(float(stress.std(axis=0).mean()), 5)}
+        if key[0] == "nacl":
+            d = np.array([a.info["ion_distance"] for a in group])
+            row["ion_distance_range_A"] = [round(float(d.min()), 2), round(float(d.max()), 2)]
+            far = d > 5.0
+            row["frames_beyond_5A"] = int(far.sum())
+            if far.sum() >= 5:
+                x, y = 1.0 / d[far], energy[far]
+                slope, intercept = np.polyfit(x, y, 1)
+                r2 = 1.0 - np.var(y - (slope * x + intercept)) / np.var(y)
+                row["beyond_5A_energy_vs_inverse_distance"] = {"slope_eV_A": round(float(slope), 2),
+                                                               "r2": round(float(r2), 3),
+                                                               "energy_std_eV": round(float(y.std()), 4)}
+        kinds[f"{key[0]}_{key[1]}"] = row
+        print(key, row)
+    summary["kinds"] = kinds
+    summary_path.write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {summary_path}")
+
+
 def _version(name: str) -> str:
     from importlib.metadata import version
 
@@ -314,7 +354,7 @@ def _version(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["sample", "label", "time"])
+    parser.add_argument("stage", choices=["sample", "label", "time", "summary"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--count", type=int, default=1, help="time: single points per kind of box")
     parser.add_argument("--method", default="GFN1-xTB", help="time: GFN1-xTB or GFN2-xTB")
@@ -322,7 +362,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.0, help="label: stop after this many seconds")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
-    {"sample": sample, "label": label, "time": time_points}[args.stage](args)
+    {"sample": sample, "label": label, "time": time_points, "summary": summarise}[args.stage](args)
 
 
 if __name__ == "__main__":
