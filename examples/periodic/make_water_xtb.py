@@ -17,7 +17,7 @@ heavy-atom contact < 1.6 A or H-H contact < 0.8 A would be rejected (the log cou
 
     pip install tblite==0.8.0          # the optional `data` extra
     OMP_NUM_THREADS=1 python examples/periodic/make_water_xtb.py sample   # configurations (minutes)
-    OMP_NUM_THREADS=1 python examples/periodic/make_water_xtb.py label    # GFN1-xTB (about 35 min on one core)
+    OMP_NUM_THREADS=1 python examples/periodic/make_water_xtb.py label    # GFN1-xTB (10 min on an idle core)
     OMP_NUM_THREADS=1 python examples/periodic/make_water_xtb.py time     # time a few single points
     python examples/periodic/make_water_xtb.py summary                    # statistics into the .json file
 
@@ -42,7 +42,7 @@ OUTPUT = DATA / "water_ions_gfn1.extxyz"
 WATER_DENSITY = 0.03343  # molecules / A^3 (0.997 g/cm^3)
 # (waters in the pure box, runs of pure water, runs with Na+ Cl-, frames per run); the ion boxes
 # replace two waters by the ions in the same box
-PLAN = [(24, 6, 14, 8), (48, 3, 5, 6)]
+PLAN = [(24, 8, 20, 8), (48, 3, 6, 6)]
 TEMPERATURE = 300.0
 MIN_HEAVY, MIN_HH = 1.6, 0.8  # rejection thresholds, A (intermolecular contacts)
 H_MASS, TIMESTEP_FS = 4.0, 1.5  # sampler only: heavy hydrogens (the configurations' distribution is mass-free)
@@ -192,11 +192,11 @@ def sample(args) -> None:
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from ase.optimize import FIRE
 
-    rng = np.random.default_rng(args.seed)
     frames, run, start, rejected = [], 0, time.monotonic(), 0
     for n_waters, pure_runs, ion_runs, per_run in PLAN:
         for ions in [False] * pure_runs + [True] * ion_runs:
             t0 = time.monotonic()
+            rng = np.random.default_rng([args.seed, run])  # every run its own stream
             atoms, molecule = random_box(n_waters, ions, rng)
             length = atoms.cell[0, 0]
             na, cl = (len(atoms) - 2, len(atoms) - 1) if ions else (None, None)
