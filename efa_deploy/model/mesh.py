@@ -55,7 +55,7 @@ from torch import Tensor
 
 DEFAULT_ORDER = 6
 DEFAULT_OVERSAMPLING = 2.0
-CHUNK_ELEMENTS = 1 << 26
+CHUNK_ELEMENTS = 1 << 26  # the literal in _chunk (TorchScript reads no module globals)
 
 
 def mesh_size(max_index: List[int], oversampling: float = DEFAULT_OVERSAMPLING, order: int = DEFAULT_ORDER) -> List[int]:
@@ -165,7 +165,7 @@ def _stencil(u: Tensor, batch: Tensor, n_structures: int, mesh: List[int], order
 def _chunk(channels: int, mesh_rows: int, atom_rows: int) -> int:
     """Complex channels per chunk: mesh and gathered per-atom values within CHUNK_ELEMENTS reals."""
     per_channel = 2 * (mesh_rows + atom_rows)
-    return max(1, min(channels, CHUNK_ELEMENTS // max(per_channel, 1)))
+    return max(1, min(channels, (1 << 26) // max(per_channel, 1)))
 
 
 def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, batch: Tensor, n_structures: int,
@@ -184,7 +184,7 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     w = _levels(f, order)[order - 1]  # (N, 3, P)
     weight = (w[:, 0].reshape(atoms, order, 1, 1) * w[:, 1].reshape(atoms, 1, order, 1)
               * w[:, 2].reshape(atoms, 1, 1, order))
-    weight = weight.reshape(atoms, order ** 3, 1)
+    weight = weight.reshape(atoms, order * order * order, 1)
     rows = rows.reshape(-1)
     # conj(k) v (owned): (N, M, D, 2) real pairs
     v = values * owned.unsqueeze(1)
@@ -192,20 +192,16 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     c = c.reshape(atoms, m * d * 2)
     factor = torch.conj(_euler_factors(n, mesh, order, values.dtype)).unsqueeze(-1)  # (G, 1)
     channels = m * d
-    step = _chunk(channels, n_structures * cells, atoms * order ** 3)
+    step = _chunk(channels, n_structures * cells, atoms * order * order * order)
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
         q = values.new_zeros(n_structures * cells, 2 * width)
-        q.index_add_(0, rows, (weight * c[:, 2 * start:2 * (start + width)].unsqueeze(1)).reshape(atoms * order ** 3, 2 * width))
+        q.index_add_(0, rows, (weight * c[:, 2 * start:2 * (start + width)].unsqueeze(1)).reshape(atoms * order * order * order, 2 * width))
         spectrum = torch.fft.fftn(torch.view_as_complex(q.reshape(n_structures, k1, k2, k3, width, 2)), dim=[1, 2, 3])
         parts.append(spectrum.reshape(n_structures, cells, width).index_select(1, flat) * factor)
     kv = torch.view_as_real(torch.cat(parts, dim=2))  # (B, G, M D, 2)
     return kv.reshape(n_structures, g, m, d, 2).permute(0, 2, 1, 4, 3).reshape(n_structures, m, g, 2 * d)
-
-
-# Taylor terms of stage 2: (e1, e2, e3) derivative orders -> flat index e1 * 9 + e2 * 3 + e3
-_TAYLOR_ROWS = [0, 9, 3, 1, 18, 6, 2, 12, 10, 4]
 
 
 def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor, directions: Tensor,
@@ -238,12 +234,13 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         one = torch.ones_like(d1)
         coef = torch.stack([one, d1, d2, d3, 0.5 * d1 * d1, 0.5 * d2 * d2, 0.5 * d3 * d3, d1 * d2, d1 * d3, d2 * d3], dim=1)
         coef = coef.unsqueeze(1)  # (N, 1, 10)
-        select = torch.tensor(_TAYLOR_ROWS, device=p.device)
+        # (e1, e2, e3) derivative orders of the terms below -> flat index e1 * 9 + e2 * 3 + e3
+        select = torch.tensor([0, 9, 3, 1, 18, 6, 2, 12, 10, 4], device=p.device)
     else:
         coef = torch.ones_like(u[:, :1]).unsqueeze(1)
         select = torch.zeros(1, dtype=torch.long, device=p.device)
     channels = m * d
-    step = _chunk(channels, n_structures * cells, atoms * order ** 3)
+    step = _chunk(channels, n_structures * cells, atoms * order * order * order)
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
