@@ -48,7 +48,7 @@ and channel (N x 10 x M x 2D).
 """
 
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -148,7 +148,7 @@ def _mesh_coordinates(p: Tensor, mesh: List[int]) -> Tensor:
 
 def _stencil(u: Tensor, batch: Tensor, n_structures: int, mesh: List[int], order: int) -> tuple[Tensor, Tensor]:
     """Fractional offsets f = u - floor(u) (N, 3) (differentiable) and the flat mesh rows
-    (N, P, P, P) of the points k_a = floor(u_a) - j_a, offset by the atom's structure."""
+    (N, P1, P2, P3) (axis 3 fastest: neighbouring rows) of the points k_a = floor(u_a) - j_a, offset by the atom's structure."""
     base = torch.floor(u.detach())
     f = u - base
     j = torch.arange(order, device=u.device)
@@ -185,7 +185,7 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     weight = (w[:, 0].reshape(atoms, order, 1, 1) * w[:, 1].reshape(atoms, 1, order, 1)
               * w[:, 2].reshape(atoms, 1, 1, order))
     weight = weight.reshape(atoms, order * order * order, 1)
-    rows = rows.reshape(-1)
+    index: List[Optional[Tensor]] = [rows.reshape(-1)]
     # conj(k) v (owned): (N, M, D, 2) real pairs
     v = values * owned.unsqueeze(1)
     c = torch.stack([keys[:, :, 0:1] * v.unsqueeze(1), -keys[:, :, 1:2] * v.unsqueeze(1)], dim=-1)
@@ -197,7 +197,8 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     for start in range(0, channels, step):
         width = min(step, channels - start)
         q = values.new_zeros(n_structures * cells, 2 * width)
-        q.index_add_(0, rows, (weight * c[:, 2 * start:2 * (start + width)].unsqueeze(1)).reshape(atoms * order * order * order, 2 * width))
+        spread = torch.bmm(weight, c[:, 2 * start:2 * (start + width)].unsqueeze(1))
+        q.index_put_(index, spread.reshape(atoms * order * order * order, 2 * width), accumulate=True)
         spectrum = torch.fft.fftn(torch.view_as_complex(q.reshape(n_structures, k1, k2, k3, width, 2)), dim=[1, 2, 3])
         parts.append(spectrum.reshape(n_structures, cells, width).index_select(1, flat) * factor)
     kv = torch.view_as_real(torch.cat(parts, dim=2))  # (B, G, M D, 2)
@@ -227,7 +228,7 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     spectrum = spectrum.reshape(n_structures, g, m * d) * factor
     w1 = t[:, 0].reshape(atoms, e, order)
     w2 = t[:, 1].reshape(atoms, 1, e, order)
-    w3 = t[:, 2].reshape(atoms, 1, 1, e, order)
+    w3 = t[:, 2].reshape(atoms, 1, e, order)
     if derivatives > 0:
         delta = u - u.detach()
         d1, d2, d3 = delta[:, 0], delta[:, 1], delta[:, 2]
@@ -248,10 +249,10 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         grid.index_add_(1, flat, spectrum[:, :, start:start + width])
         phi = torch.fft.ifftn(grid.reshape(n_structures, k1, k2, k3, width), dim=[1, 2, 3], norm="forward")
         phi = torch.view_as_real(phi).reshape(n_structures * cells, 2 * width)
-        x = phi.index_select(0, rows).reshape(atoms, order, order, order, 2 * width)
-        x = torch.matmul(w3, x)  # (N, P, P, E, 2W)
-        x = torch.matmul(w2, x.reshape(atoms, order, order, e * 2 * width))  # (N, P, E, E 2W)
-        x = torch.matmul(w1, x.reshape(atoms, order, e * e * 2 * width))  # (N, E, E E 2W)
+        x = phi.index_select(0, rows).reshape(atoms, order, order * order * 2 * width)  # (N, P1, P2 P3 2W)
+        x = torch.bmm(w1, x).reshape(atoms, e, order, order * 2 * width)  # (N, E1, P2, P3 2W)
+        x = torch.matmul(w2, x).reshape(atoms, e * e, order, 2 * width)  # (N, E1 E2, P3, 2W)
+        x = torch.matmul(w3, x)  # (N, E1 E2, E3, 2W)
         x = x.reshape(atoms, e * e * e, 2 * width).index_select(1, select)
         parts.append(torch.matmul(coef, x).reshape(atoms, width, 2))
     z = torch.cat(parts, dim=1).reshape(atoms, m, d, 2)
