@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from efa_deploy.model import erope
+from efa_deploy.model import mesh as mesh_module
 from efa_deploy.model.mesh import (DEFAULT_ORDER, DEFAULT_OVERSAMPLING, mesh_key_value_sums,
                                    mesh_query_contraction, mesh_size)
 
@@ -217,3 +218,21 @@ def test_torchscript():
     p2 = p.clone().requires_grad_(True)
     (g2,) = torch.autograd.grad(module(p2, k, q, v, owned, batch, 2, n).sum(), [p2])
     assert torch.allclose(g, g2, atol=1e-10)
+
+
+def test_chunks_over_channels_and_atoms(monkeypatch):
+    """Small chunks (as a large mesh or many atoms would take) give the same values and gradients."""
+    p, k, q, v, owned, batch, n = system([30, 25], True, seed=6)
+    mesh = mesh_for(n)
+
+    def run():
+        pp = p.clone().requires_grad_(True)
+        y = mesh_query_contraction(pp, q, mesh_key_value_sums(pp, k, v, owned, batch, 2, n, mesh, 6), batch, n, mesh, 6)
+        (g,) = torch.autograd.grad(torch.sum(torch.tanh(y)), [pp])
+        return y.detach(), g
+
+    whole = run()
+    monkeypatch.setattr(mesh_module, "_chunks", lambda channels, mesh_rows, stencil: (5, 7))
+    chunked = run()
+    for a, b in zip(chunked, whole):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)

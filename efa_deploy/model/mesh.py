@@ -55,7 +55,8 @@ from torch import Tensor
 
 DEFAULT_ORDER = 6
 DEFAULT_OVERSAMPLING = 2.0
-CHUNK_ELEMENTS = 1 << 26  # the literal in _chunk (TorchScript reads no module globals)
+MESH_ELEMENTS = 1 << 26  # the literals in _chunks (TorchScript reads no module globals)
+ATOM_ELEMENTS = 1 << 25
 
 
 def mesh_size(max_index: List[int], oversampling: float = DEFAULT_OVERSAMPLING, order: int = DEFAULT_ORDER) -> List[int]:
@@ -162,10 +163,13 @@ def _stencil(u: Tensor, batch: Tensor, n_structures: int, mesh: List[int], order
     return f, rows
 
 
-def _chunk(channels: int, mesh_rows: int, atom_rows: int) -> int:
-    """Complex channels per chunk: mesh and gathered per-atom values within CHUNK_ELEMENTS reals."""
-    per_channel = 2 * (mesh_rows + atom_rows)
-    return max(1, min(channels, (1 << 26) // max(per_channel, 1)))
+def _chunks(channels: int, mesh_rows: int, stencil: int) -> tuple[int, int]:
+    """(complex channels, atoms) per chunk: the mesh of a chunk within MESH_ELEMENTS reals and the
+    stencil values of a chunk of atoms within ATOM_ELEMENTS (the literals below)."""
+    most = max(1, (1 << 26) // max(2 * mesh_rows, 1))
+    pieces = (channels + most - 1) // most
+    width = max(1, (channels + pieces - 1) // max(pieces, 1))
+    return width, max(1, (1 << 25) // (2 * width * stencil))
 
 
 def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, batch: Tensor, n_structures: int,
@@ -185,20 +189,24 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     weight = (w[:, 0].reshape(atoms, order, 1, 1) * w[:, 1].reshape(atoms, 1, order, 1)
               * w[:, 2].reshape(atoms, 1, 1, order))
     weight = weight.reshape(atoms, order * order * order, 1)
-    index: List[Optional[Tensor]] = [rows.reshape(-1)]
+    rows = rows.reshape(atoms, order * order * order)
     # conj(k) v (owned): (N, M, D, 2) real pairs
     v = values * owned.unsqueeze(1)
     c = torch.stack([keys[:, :, 0:1] * v.unsqueeze(1), -keys[:, :, 1:2] * v.unsqueeze(1)], dim=-1)
     c = c.reshape(atoms, m * d * 2)
     factor = torch.conj(_euler_factors(n, mesh, order, values.dtype)).unsqueeze(-1)  # (G, 1)
     channels = m * d
-    step = _chunk(channels, n_structures * cells, atoms * order * order * order)
+    stencil = order * order * order
+    step, atom_step = _chunks(channels, n_structures * cells, stencil)
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
         q = values.new_zeros(n_structures * cells, 2 * width)
-        spread = torch.bmm(weight, c[:, 2 * start:2 * (start + width)].unsqueeze(1))
-        q.index_put_(index, spread.reshape(atoms * order * order * order, 2 * width), accumulate=True)
+        for a0 in range(0, atoms, atom_step):
+            a1 = min(atoms, a0 + atom_step)
+            index: List[Optional[Tensor]] = [rows[a0:a1].reshape(-1)]
+            spread = weight[a0:a1] * c[a0:a1, 2 * start:2 * (start + width)].unsqueeze(1)
+            q.index_put_(index, spread.reshape((a1 - a0) * stencil, 2 * width), accumulate=True)
         spectrum = torch.fft.fftn(torch.view_as_complex(q.reshape(n_structures, k1, k2, k3, width, 2)), dim=[1, 2, 3])
         parts.append(spectrum.reshape(n_structures, cells, width).index_select(1, flat) * factor)
     kv = torch.view_as_real(torch.cat(parts, dim=2))  # (B, G, M D, 2)
@@ -210,7 +218,7 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     """Stage 2 on the mesh: y (N, D) ~= erope.query_contraction(p, queries, kv, batch, ones(M), directions)."""
     n_structures, m, g, d = kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[3] // 2
     atoms = p.shape[0]
-    if n_structures == 0:
+    if n_structures == 0 or atoms == 0:
         return kv.new_zeros(atoms, d)
     n, flat = _integer_directions(directions, mesh)
     k1, k2, k3 = mesh[0], mesh[1], mesh[2]
@@ -222,7 +230,7 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         raise RuntimeError("position derivatives of the mesh path need order >= 3")
     t = _taylor_weights(f, order, derivatives)  # (N, 3, E, P), no grad
     e = derivatives + 1
-    rows = rows.reshape(-1)
+    rows = rows.reshape(atoms, order * order * order)
     factor = _euler_factors(n, mesh, order, kv.dtype).unsqueeze(-1)  # (G, 1)
     spectrum = torch.view_as_complex(kv.reshape(n_structures, m, g, 2, d).permute(0, 2, 1, 4, 3).contiguous())
     spectrum = spectrum.reshape(n_structures, g, m * d) * factor
@@ -241,7 +249,9 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         coef = torch.ones_like(u[:, :1]).unsqueeze(1)
         select = torch.zeros(1, dtype=torch.long, device=p.device)
     channels = m * d
-    step = _chunk(channels, n_structures * cells, atoms * order * order * order)
+    step, atom_step = _chunks(channels, n_structures * cells, order * order * order)
+    # every chunk's gather costs a zero mesh in backward: at least as many stencil rows as mesh rows
+    atom_step = max(atom_step, (n_structures * cells + order * order * order - 1) // (order * order * order))
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
@@ -249,11 +259,16 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         grid.index_add_(1, flat, spectrum[:, :, start:start + width])
         phi = torch.fft.ifftn(grid.reshape(n_structures, k1, k2, k3, width), dim=[1, 2, 3], norm="forward")
         phi = torch.view_as_real(phi).reshape(n_structures * cells, 2 * width)
-        x = phi.index_select(0, rows).reshape(atoms, order, order * order * 2 * width)  # (N, P1, P2 P3 2W)
-        x = torch.bmm(w1, x).reshape(atoms, e, order, order * 2 * width)  # (N, E1, P2, P3 2W)
-        x = torch.matmul(w2, x).reshape(atoms, e * e, order, 2 * width)  # (N, E1 E2, P3, 2W)
-        x = torch.matmul(w3, x)  # (N, E1 E2, E3, 2W)
-        x = x.reshape(atoms, e * e * e, 2 * width).index_select(1, select)
-        parts.append(torch.matmul(coef, x).reshape(atoms, width, 2))
+        pieces: List[Tensor] = []
+        for a0 in range(0, atoms, atom_step):
+            a1 = min(atoms, a0 + atom_step)
+            na = a1 - a0
+            x = phi.index_select(0, rows[a0:a1].reshape(-1)).reshape(na, order, order * order * 2 * width)
+            x = torch.bmm(w1[a0:a1], x).reshape(na, e, order, order * 2 * width)  # (N, E1, P2, P3 2W)
+            x = torch.matmul(w2[a0:a1], x).reshape(na, e * e, order, 2 * width)  # (N, E1 E2, P3, 2W)
+            x = torch.matmul(w3[a0:a1], x)  # (N, E1 E2, E3, 2W)
+            x = x.reshape(na, e * e * e, 2 * width).index_select(1, select)
+            pieces.append(torch.matmul(coef[a0:a1], x).reshape(na, width, 2))
+        parts.append(torch.cat(pieces, dim=0))
     z = torch.cat(parts, dim=1).reshape(atoms, m, d, 2)
     return torch.sum(queries[:, :, 0:1] * z[..., 0] - queries[:, :, 1:2] * z[..., 1], dim=1)
