@@ -171,9 +171,9 @@ def write(results: dict) -> None:
     lines = ["# Periodic EFA stages: direct structure-factor sums vs SPME mesh", "",
              f"CPU: {results.get('cpu', '?')}; 1 thread (taskset -c 1), float32, M = {M}, D = {D} (2D = {2 * D} "
              f"columns), 0.1 atoms/A^3, k_max = {K_MAX} 1/A. Timed: stage 1 + stage 2 forward and the backward to "
-             "positions, keys, queries, values (minimum over repeats). The machine was shared (2 cores, load "
-             "average about 8 during the runs), so absolute times are inflated; ratios within one table are "
-             "fairer.", ""]
+             "positions, keys, queries, values (minimum over repeats; 1e5 atoms: one pass). The machine was "
+             f"shared (2 cores; 1-minute load average {results.get('load_average', '?')} at the end of the "
+             "timing run), so absolute times are inflated; ratios within one table are fairer.", ""]
     if "timing" in results:
         t = results["timing"]
         lines += [f"Mesh: order {t['order']}, oversampling {t['oversampling']}.", "",
@@ -218,7 +218,11 @@ def main() -> None:
     ap.add_argument("--oversampling", type=float, default=2.0)
     ap.add_argument("--direct-limit", type=float, default=60.0)
     ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--rewrite", action="store_true")
     args = ap.parse_args()
+    if args.rewrite:  # the tables again from the json
+        write(json.loads((RESULTS / "periodic_mesh.json").read_text()))
+        return
     if args.case:
         form, atoms, order, over, repeats = args.case
         print(json.dumps(run_case(form, int(atoms), int(order), float(over), int(repeats))))
@@ -250,6 +254,7 @@ def main() -> None:
         rows.append({"atoms": atoms, "mesh": mesh, "direct": direct})
     first, last = rows[0], rows[-1]
     exponent = math.log(last["mesh"]["seconds"] / first["mesh"]["seconds"]) / math.log(last["atoms"] / first["atoms"])
+    results["load_average"] = round(os.getloadavg()[0], 1)
     results["timing"] = {"order": args.order, "oversampling": args.oversampling, "rows": rows,
                          "mesh_exponent": exponent, "exponent_range": [first["atoms"], last["atoms"]]}
     write(results)

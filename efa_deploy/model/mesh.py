@@ -18,18 +18,21 @@ with W_j(k) = prod_a M(u_ja - k_a) (P^3 mesh points per atom, periodic). The sam
 erope.key_value_sums / query_contraction with omega = ones(M): KV (B, M, G, 2D) as [Re | Im]
 columns, the owned mask on the values, n_structures == 1 ignores batch, empty structures and N = 0.
 
-Accuracy (float64, max |mesh - direct| / max |direct| over a batch of random periodic cells,
-orthogonal and triclinic, 200-400 atoms each, all |n| up to a sphere touching the cube of
-max index; stage 1 KV and stage 2 y from the exact KV; measured by benchmarks/periodic_mesh.py
---accuracy, results in benchmarks/results/periodic_mesh.md):
+Accuracy (float64, max |mesh - direct| / max |direct|, worst of 4 random cells (2 triclinic), 300
+atoms, all |n| < 2.0 1/A; stage 1 KV / stage 2 y from the exact KV; benchmarks/periodic_mesh.py
+--accuracy, benchmarks/results/periodic_mesh.md):
 
-    oversampling     1.5        2          3
-    order 4       ACC_4_15   ACC_4_2    ACC_4_3
-    order 6       ACC_6_15   ACC_6_2    ACC_6_3
-    order 8       ACC_8_15   ACC_8_2    ACC_8_3
+    oversampling      1.5               2                 2.5               3
+    order 4      2.6e-2 / 1.1e-2   1.0e-2 / 4.2e-3   3.1e-3 / 1.7e-3   1.6e-3 / 7.5e-4
+    order 5      9.0e-3 / 2.7e-3   2.6e-3 / 8.9e-4   4.4e-4 / 1.8e-4   2.0e-4 / 6.7e-5
+    order 6      3.5e-3 / 1.0e-3   7.9e-4 / 2.6e-4   1.1e-4 / 4.6e-5   4.3e-5 / 1.6e-5
+    order 8      5.2e-4 / 1.2e-4   6.3e-5 / 1.9e-5   4.2e-6 / 1.5e-6   1.2e-6 / 4.0e-7
 
-Default: DEFAULT_ORDER, DEFAULT_OVERSAMPLING (mesh_size). The error is aliasing: for
-x = |n_a| / K_a it falls like (x / (1 - x))^P, so it is largest for the outermost n_g.
+Default: order 6, oversampling 2 (about 1e-3 relative; float32 adds ~1e-6). At 1e4 atoms it was
+also the fastest of the settings near 1e-3 (order 5 / 2.5 and order 4 / 3 were 7 % and 17 % slower:
+their smaller stencils do not pay for the larger mesh). The error is aliasing: for
+x = |n_a| / K_a it falls like (x / (1 - x))^P, largest for the outermost n_g; the 2-3-5 rounding
+of mesh_size makes the effective oversampling vary.
 
 Derivatives. Stage 1 is differentiated by autograd through the spline weights (any order).
 Stage 2 would save the P^3 gathered mesh values of every atom and channel for the gradient of the
@@ -41,10 +44,13 @@ position-parameter second derivatives for force training) are exact. Third and h
 derivatives in the positions of stage 2 are not (they are zero). When the positions do not
 require grad only the weights themselves are used.
 
-Memory: the channels (M x D complex) are processed in chunks so that the mesh and the gathered
-per-atom values of one chunk stay within about CHUNK_ELEMENTS numbers; saved for backward are the
-spline weights, the mesh indices (N P^3 int64) and, in stage 2, 10 Taylor coefficients per atom
-and channel (N x 10 x M x 2D).
+Memory: the channels (M x D complex) are processed in chunks whose mesh stays within
+MESH_ELEMENTS reals, and the atoms in chunks whose P^3-stencil values stay within ATOM_ELEMENTS
+(stage 2: at least one mesh's worth of stencil rows per chunk, since each chunk's gather costs a
+zero mesh in backward). Saved for backward: spline weights (N P^3), mesh rows (N P^3 int64), and
+in stage 2 the 10 Taylor contractions per atom and channel (N x 10 x M 2D). A double backward
+(force training) additionally keeps the stage-1 gathered gradients, N P^3 M 2D numbers: fine for
+training structures, not for 1e5 atoms.
 """
 
 import math
