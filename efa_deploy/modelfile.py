@@ -204,8 +204,11 @@ def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, di
         raise ValueError(f"{path}: not an efa-deploy model file (no format/config/dtype in its metadata)")
     config = ModelConfig.from_dict(metadata["config"])
     model = build_model(config, getattr(torch, metadata["dtype"]))
-    # the rules are the code's; the training grid and everything else is the file's
-    state = {k: v for k, v in module.state_dict().items() if not k.startswith("grid.")}
+    # the rules are the code's; the training grid and everything else is the file's; buffers the
+    # code derives from the config (non-persistent: a scripted module's state_dict lists them) are the code's
+    derived = {f"{prefix}.{name}".lstrip(".") for prefix, sub in model.named_modules()
+               for name in sub._non_persistent_buffers_set}
+    state = {k: v for k, v in module.state_dict().items() if not k.startswith("grid.") and k not in derived}
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -6,9 +6,11 @@ loaded when it is built; without it (only torch installed, no compiler run) the 
 are registered here in pure torch, with the same schemas and adjoints, so that models import,
 train, script and export anywhere. Both carry shape-only (fake) kernels for torch.export.
 
-efa::message is the fused local message step (ops/fused_message.cpp); its pure-torch
-registration is the reference, efa_deploy.model.local.message_passing (efa::radial_basis:
-ops/fused_radial.cpp and efa_deploy.model.local.radial_basis). Likewise
+efa::edge_message is the fused local message step exported files call (ops/fused_message.cpp);
+its pure-torch registration is the reference, efa_deploy.model.local.edge_message_passing.
+efa::message (reference: local.message_passing) and efa::radial_basis (ops/fused_radial.cpp,
+local.radial_basis) are what files exported before efa::edge_message call; they stay registered
+so that those files load. Likewise
 efa::attention_keys / attention_queries, the fused EFA stages (ops/fused_efa.cpp), are
 efa_deploy.model.erope.key_value_sums / query_contraction in pure torch.
 """
@@ -23,6 +25,8 @@ from .paths import OPS_LIBRARY
 ADJOINTS = {"global_sum": "global_sum", "forward_ghosts": "reverse_ghosts", "reverse_ghosts": "forward_ghosts"}
 MESSAGE_SCHEMA = ("message(Tensor filter, Tensor vec, Tensor rbf, Tensor weight, Tensor bias, Tensor envelope, "
                   "Tensor unit, Tensor sender, Tensor receiver) -> (Tensor, Tensor)")
+EDGE_MESSAGE_SCHEMA = ("edge_message(Tensor filter, Tensor vec, Tensor d, Tensor n_pi, Tensor weight, Tensor bias, "
+                       "Tensor sender, Tensor receiver, float cutoff) -> (Tensor, Tensor)")
 RADIAL_SCHEMA = "radial_basis(Tensor r, Tensor n_pi, float cutoff) -> (Tensor, Tensor)"
 ATTENTION_SCHEMAS = {
     "attention_keys": "attention_keys(Tensor positions, Tensor keys, Tensor values, Tensor owned, Tensor batch, "
@@ -47,10 +51,11 @@ def _register_pure_torch() -> None:
         torch.library.register_autograd(f"efa::{name}", lambda ctx, grad, op=adjoint_op: op(grad), lib=_library)
     # imported here: the model package imports this module
     from .model.erope import key_value_sums, query_contraction
-    from .model.local import message_passing, radial_basis
+    from .model.local import edge_message_passing, message_passing, radial_basis
 
     # autograd and meta by decomposition
     for name, schema, reference in (("message", MESSAGE_SCHEMA, message_passing),
+                                    ("edge_message", EDGE_MESSAGE_SCHEMA, edge_message_passing),
                                     ("radial_basis", RADIAL_SCHEMA, radial_basis),
                                     ("attention_keys", ATTENTION_SCHEMAS["attention_keys"], key_value_sums),
                                     ("attention_queries", ATTENTION_SCHEMAS["attention_queries"], query_contraction)):
