@@ -16,6 +16,7 @@ efa_deploy.model.erope.key_value_sums / query_contraction in pure torch.
 """
 
 import os
+import warnings
 
 import torch
 
@@ -90,12 +91,26 @@ def is_registered(name: str) -> bool:
     return True
 
 
-def keep_large_blocks() -> bool:
-    """Let glibc keep large freed blocks (no page faults for every big tensor of every call);
-    used when EFA_DEPLOY_MALLOC=keep. pair_style efa does this by default."""
+MALLOC_POLICIES = ("lean", "keep", "system")
+
+
+def set_malloc_policy(default: str = "lean") -> bool:
+    """Apply glibc's malloc policy EFA_DEPLOY_MALLOC names (`default` when it is unset): "lean"
+    (peak memory near the live tensors, a page fault per 4 KB of each tensor above 256 KB),
+    "keep" (no page faults; the heap keeps the largest layout it ever needed) or "system"
+    (ops/malloc_policy.cpp). Returns whether a setting was applied. load_ops applies it; so does
+    pair_style efa."""
     import ctypes
 
-    return OPS_LIBRARY.exists() and ctypes.CDLL(str(OPS_LIBRARY)).efa_keep_large_blocks() == 1
+    choice = os.environ.get("EFA_DEPLOY_MALLOC") or default
+    if choice not in MALLOC_POLICIES:  # the C side leaves malloc alone then
+        warnings.warn(f"EFA_DEPLOY_MALLOC={choice!r} is not one of {', '.join(MALLOC_POLICIES)}: glibc's default "
+                      "malloc policy stays", stacklevel=2)
+    if not OPS_LIBRARY.exists():
+        return False
+    policy = ctypes.CDLL(str(OPS_LIBRARY)).efa_malloc_policy
+    policy.argtypes = [ctypes.c_char_p]
+    return policy(default.encode()) == 1
 
 
 def load_ops() -> str:
@@ -104,8 +119,7 @@ def load_ops() -> str:
     if not _loaded:
         if OPS_LIBRARY.exists():
             torch.ops.load_library(str(OPS_LIBRARY))
-            if os.environ.get("EFA_DEPLOY_MALLOC") == "keep":
-                keep_large_blocks()
+            set_malloc_policy()
         else:
             _register_pure_torch()
         _loaded = True
