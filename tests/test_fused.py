@@ -251,6 +251,17 @@ def test_model_on_water_cluster(script):
     assert_close(fused, reference)
 
 
+def test_model_uses_its_own_radial_frequencies():
+    """A model trained in float32 and cast to float64 (the shipped ones) carries float32-rounded
+    frequencies n_pi: the fused path takes the model's buffer, not n pi / cutoff anew."""
+    model = randomised_model(CONFIG)
+    with torch.no_grad():
+        model.radial.n_pi.copy_(model.radial.n_pi.float().double())
+    graph = structure_graph(water_cluster(), CONFIG.atomic_numbers, CONFIG.cutoff)
+    fused, reference = fused_and_reference(graph, model=model)
+    assert_close(fused, reference)
+
+
 @pytest.mark.parametrize("use_efa", [False, True], ids=["local", "EFA"])
 def test_model_with_ghosts_and_isolated_atoms(use_efa):
     """owned = 0 rows (ghost copies, as on an MPI rank) and atoms beyond the cutoff of all others."""

@@ -162,8 +162,8 @@ class EnergyModel(nn.Module):
     def edge_geometry(self, positions: Tensor, sender: Tensor, receiver: Tensor, edge_shift: Tensor
                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Edge vectors (E, 3), radial basis (E, R), envelope (E, 1) and unit vectors (E, 3) of the
-        edges; the last three are empty on the fused CPU path, where efa::edge_message makes them from
-        the edge vectors per chunk of edges (local.py)."""
+        edges; on the fused CPU path, where efa::edge_message makes the last three from the edge
+        vectors per chunk of edges, the basis's frequencies (R,) and two empty tensors (local.py)."""
         d = positions[sender] - positions[receiver] + edge_shift
         rbf, envelope, unit = self.radial.geometry(d)
         return d, rbf, envelope, unit

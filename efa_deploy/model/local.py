@@ -50,11 +50,11 @@ class RadialBasis(nn.Module):
         return radial_basis(r, self.n_pi, self.cutoff)
 
     def geometry(self, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """edge_geometry of d; on the fused CPU path three empty tensors, since efa::edge_message
-        makes them from d per chunk of edges (no E x R tensor)."""
+        """edge_geometry of d; on the fused CPU path, where efa::edge_message makes them from d per
+        chunk of edges (no E x R tensor), the basis's frequencies n_pi (R,) and two empty tensors."""
         if self.fused and d.device.type == "cpu":
             none = d.new_empty(0)
-            return none, none, none
+            return self.n_pi, none, none
         return edge_geometry(d, self.n_pi, self.cutoff)
 
 
@@ -94,9 +94,11 @@ class Message(nn.Module):
     """Scalar and vector updates from neighbours j of receiver i (edge = (j, i)).
 
     `fused` (set by use_fused) selects the fused operator efa::edge_message on CPU: first
-    derivatives only, no E x F or E x R tensors (it takes the edge vectors d and makes the radial
-    basis of the same cutoff and number of functions per chunk of edges; rbf, envelope and unit
-    are then empty); the reference keeps second derivatives for training with force losses.
+    derivatives only, no E x F or E x R tensors; the reference keeps second derivatives for
+    training with force losses. The edges come as RadialBasis.geometry gives them: the edge
+    vectors d (E, 3), and the radial basis (E, R), envelope (E, 1) and unit vectors (E, 3), or on
+    the fused path, where the operator makes those from d per chunk of edges, the basis's
+    frequencies n_pi (R,) (the model's own buffer) in place of rbf and two empty tensors.
     """
 
     fused: bool
@@ -107,8 +109,6 @@ class Message(nn.Module):
         self.cutoff = cutoff
         self.filter_net = mlp(features, features, 3 * features)
         self.radial = nn.Linear(num_radial, 3 * features)
-        # RadialBasis's frequencies, for efa::edge_message (not saved: the state dict is unchanged)
-        self.register_buffer("n_pi", radial_frequencies(num_radial, cutoff), persistent=False)
         self.fused = False
 
     def forward(
@@ -117,7 +117,7 @@ class Message(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         filter, weight, bias = self.filter_net(x), self.radial.weight, self.radial.bias
         if self.fused and x.device.type == "cpu":
-            return torch.ops.efa.edge_message(filter, vec, d, self.n_pi, weight, bias, sender, receiver, self.cutoff)
+            return torch.ops.efa.edge_message(filter, vec, d, rbf, weight, bias, sender, receiver, self.cutoff)
         return message_passing(filter, vec, rbf, weight, bias, envelope, unit, sender, receiver)
 
 
