@@ -92,12 +92,13 @@ def step(model, graph) -> float:
 
 
 class NoMessage(torch.nn.Module):
-    """Stands in for a layer's message step to time the step without it (the 0 * rbf term keeps the
+    """Stands in for a layer's message step to time the step without it (the 0 * d term keeps the
     positions in the graph of a local model)."""
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, sender: torch.Tensor, receiver: torch.Tensor,
-                rbf: torch.Tensor, envelope: torch.Tensor, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros_like(x) + 0.0 * rbf.sum(), torch.zeros_like(vec)
+                d: torch.Tensor, rbf: torch.Tensor, envelope: torch.Tensor, unit: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros_like(x) + 0.0 * d.sum(), torch.zeros_like(vec)
 
 
 def without_messages(model: torch.nn.Module) -> torch.jit.ScriptModule:

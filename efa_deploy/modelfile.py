@@ -201,14 +201,17 @@ def read_model_file(path: str | os.PathLike, device: str = "cpu") -> tuple[torch
     return module, metadata
 
 
-def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, dict]:
+def rebuild_model(path: str | os.PathLike, dtype: str | None = None) -> tuple[EnergyModel, ModelConfig, dict]:
     """The eager model of a model file of any format version, built by this package's code from
-    the file's `config` and weights: how older files become current ones."""
+    the file's `config` and weights: how older files become current ones. dtype ("float32",
+    "float64"): the weights cast to it; default the file's."""
     module, metadata = read_model_file(path)
     if metadata.get("format") != FORMAT or "config" not in metadata or "dtype" not in metadata:
         raise ValueError(f"{path}: not an efa-deploy model file (no format/config/dtype in its metadata)")
+    if dtype not in (None, "float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, not {dtype!r}")
     config = ModelConfig.from_dict(metadata["config"])
-    model = build_model(config, getattr(torch, metadata["dtype"]))
+    model = build_model(config, getattr(torch, dtype or metadata["dtype"]))
     # non-persistent buffers (the Lebedev rules, the periodic kernel) are the code's, though a
     # scripted module lists them; the training grid and everything else is the file's
     derived = {name for name, _ in model.named_buffers()} - set(model.state_dict())
@@ -223,9 +226,11 @@ def rebuild_model(path: str | os.PathLike) -> tuple[EnergyModel, ModelConfig, di
     return model.eval(), config, metadata
 
 
-def convert_model_file(old: str | os.PathLike, new: str | os.PathLike, overwrite: bool = False) -> dict:
-    """Write `old` (a model file of any format version) as a current one; returns its metadata."""
-    model, config, metadata = rebuild_model(old)
+def convert_model_file(old: str | os.PathLike, new: str | os.PathLike, overwrite: bool = False,
+                       dtype: str | None = None) -> dict:
+    """Write `old` (a model file of any format version) as a current one, its weights cast to dtype
+    (default: the file's); returns its metadata."""
+    model, config, metadata = rebuild_model(old, dtype)
     provenance = {k: v for k, v in metadata.get("provenance", {}).items() if k != "package_version"}
     provenance["converted_from"] = {"file": Path(old).name, "format_version": metadata.get("format_version"),
                                     "package_version": metadata.get("provenance", {}).get("package_version")}

@@ -6,14 +6,17 @@ loaded when it is built; without it (only torch installed, no compiler run) the 
 are registered here in pure torch, with the same schemas and adjoints, so that models import,
 train, script and export anywhere. Both carry shape-only (fake) kernels for torch.export.
 
-efa::message is the fused local message step (ops/fused_message.cpp); its pure-torch
-registration is the reference, efa_deploy.model.local.message_passing (efa::radial_basis:
-ops/fused_radial.cpp and efa_deploy.model.local.radial_basis). Likewise
+efa::edge_message is the fused local message step exported files call (ops/fused_message.cpp);
+its pure-torch registration is the reference, efa_deploy.model.local.edge_message_passing.
+efa::message (reference: local.message_passing) and efa::radial_basis (ops/fused_radial.cpp,
+local.radial_basis) are what files exported before efa::edge_message call; they stay registered
+so that those files load. Likewise
 efa::attention_keys / attention_queries, the fused EFA stages (ops/fused_efa.cpp), are
 efa_deploy.model.erope.key_value_sums / query_contraction in pure torch.
 """
 
 import os
+import warnings
 
 import torch
 
@@ -23,6 +26,8 @@ from .paths import OPS_LIBRARY
 ADJOINTS = {"global_sum": "global_sum", "forward_ghosts": "reverse_ghosts", "reverse_ghosts": "forward_ghosts"}
 MESSAGE_SCHEMA = ("message(Tensor filter, Tensor vec, Tensor rbf, Tensor weight, Tensor bias, Tensor envelope, "
                   "Tensor unit, Tensor sender, Tensor receiver) -> (Tensor, Tensor)")
+EDGE_MESSAGE_SCHEMA = ("edge_message(Tensor filter, Tensor vec, Tensor d, Tensor n_pi, Tensor weight, Tensor bias, "
+                       "Tensor sender, Tensor receiver, float cutoff) -> (Tensor, Tensor)")
 RADIAL_SCHEMA = "radial_basis(Tensor r, Tensor n_pi, float cutoff) -> (Tensor, Tensor)"
 ATTENTION_SCHEMAS = {
     "attention_keys": "attention_keys(Tensor positions, Tensor keys, Tensor values, Tensor owned, Tensor batch, "
@@ -47,10 +52,11 @@ def _register_pure_torch() -> None:
         torch.library.register_autograd(f"efa::{name}", lambda ctx, grad, op=adjoint_op: op(grad), lib=_library)
     # imported here: the model package imports this module
     from .model.erope import key_value_sums, query_contraction
-    from .model.local import message_passing, radial_basis
+    from .model.local import edge_message_passing, message_passing, radial_basis
 
     # autograd and meta by decomposition
     for name, schema, reference in (("message", MESSAGE_SCHEMA, message_passing),
+                                    ("edge_message", EDGE_MESSAGE_SCHEMA, edge_message_passing),
                                     ("radial_basis", RADIAL_SCHEMA, radial_basis),
                                     ("attention_keys", ATTENTION_SCHEMAS["attention_keys"], key_value_sums),
                                     ("attention_queries", ATTENTION_SCHEMAS["attention_queries"], query_contraction)):
@@ -85,12 +91,26 @@ def is_registered(name: str) -> bool:
     return True
 
 
-def keep_large_blocks() -> bool:
-    """Let glibc keep large freed blocks (no page faults for every big tensor of every call);
-    used when EFA_DEPLOY_MALLOC=keep. pair_style efa does this by default."""
+MALLOC_POLICIES = ("lean", "keep", "system")
+
+
+def set_malloc_policy(default: str = "lean") -> bool:
+    """Apply glibc's malloc policy EFA_DEPLOY_MALLOC names (`default` when it is unset): "lean"
+    (peak memory near the live tensors, a page fault per 4 KB of each tensor above 256 KB),
+    "keep" (no page faults; the heap keeps the largest layout it ever needed) or "system"
+    (ops/malloc_policy.cpp). Returns whether a setting was applied. load_ops applies it; so does
+    pair_style efa."""
     import ctypes
 
-    return OPS_LIBRARY.exists() and ctypes.CDLL(str(OPS_LIBRARY)).efa_keep_large_blocks() == 1
+    choice = os.environ.get("EFA_DEPLOY_MALLOC") or default
+    if choice not in MALLOC_POLICIES:  # the C side leaves malloc alone then
+        warnings.warn(f"EFA_DEPLOY_MALLOC={choice!r} is not one of {', '.join(MALLOC_POLICIES)}: glibc's default "
+                      "malloc policy stays", stacklevel=2)
+    if not OPS_LIBRARY.exists():
+        return False
+    policy = ctypes.CDLL(str(OPS_LIBRARY)).efa_malloc_policy
+    policy.argtypes = [ctypes.c_char_p]
+    return policy(default.encode()) == 1
 
 
 def load_ops() -> str:
@@ -99,8 +119,7 @@ def load_ops() -> str:
     if not _loaded:
         if OPS_LIBRARY.exists():
             torch.ops.load_library(str(OPS_LIBRARY))
-            if os.environ.get("EFA_DEPLOY_MALLOC") == "keep":
-                keep_large_blocks()
+            set_malloc_policy()
         else:
             _register_pure_torch()
         _loaded = True

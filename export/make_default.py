@@ -5,6 +5,12 @@
     python export/make_default.py export   # best checkpoint -> export/water_efa.pt (+ test errors)
     python export/make_default.py check    # 3 ps of MD with the model, 15 frames of it against GFN2-xTB
     python export/make_default.py all      # the four in turn
+    python export/make_default.py float32  # every export/*.pt in float32, with the cost measured (below)
+
+Shipped files are float32 (the weights were trained in float32: nothing is rounded); the same
+weights in float64, where energies must be exact to round-off (rotation tests, 1e-12
+comparisons), are one command away and exact:
+    efa-export --from-model export/water_efa.pt --dtype float64 -o water_efa_f64.pt
 
 Stages `data` and `check` need tblite (pip install tblite==0.8.0); `train` and `export` need
 only this package.
@@ -194,8 +200,9 @@ def export() -> None:
 
 
 def export_run(run: Path, model_path: Path, structure: Path, made_by: str, reference: str) -> None:
-    """The best checkpoint (EMA weights) of `run` as a float64 model file with its test errors;
-    `structure` is the one the shipped-model tests run in LAMMPS and Python."""
+    """The best checkpoint (EMA weights) of `run` as a float64 model file with its test errors,
+    then in float32 with the cost of float32 measured (ship_float32); `structure` is the one the
+    shipped-model tests run in LAMMPS and Python."""
     import torch
 
     from efa_deploy.checkpoint import load_checkpoint, model_from_checkpoint
@@ -239,6 +246,66 @@ def export_run(run: Path, model_path: Path, structure: Path, made_by: str, refer
     shown = {k: v for k, v in provenance["test"].items() if k != "indices"}
     print(json.dumps({"test": shown, "validation": provenance["validation"],
                       "r_max": metadata["efa"]["r_max"], "elements": metadata["elements"]}, indent=1))
+    ship_float32(model_path)
+
+
+# ---- float32: the shipped dtype, and what it costs ------------------------------------------
+
+
+def nve_drift(model_path: Path, structure: Path, steps: int = 2000) -> dict:
+    """LAMMPS NVE as tests/test_driver.py runs it: 600 K velocities from `structure` (about 300 K
+    after equipartition from a minimum), 0.5 fs steps; total-energy drift (eV/atom/ps, a linear
+    fit) and fluctuation (eV/atom)."""
+    from efa_deploy.lammps import EFASimulation
+
+    with EFASimulation(structure, model_path) as sim:
+        sim.set_velocities(600.0, seed=12345)
+        thermo = sim.run(steps, ensemble="nve", timestep_fs=0.5, thermo_every=20)
+        n = sim.n_atoms
+    t = thermo["time"] - thermo["time"][0]
+    return {"drift": float(np.polyfit(t, thermo["etotal"], 1)[0] / n), "fluctuation": float(np.std(thermo["etotal"]) / n),
+            "temperature": float(thermo["temp"].mean())}
+
+
+def ship_float32(model_path: Path) -> dict:
+    """Rewrite a model file in float32, its test errors those of float32, with the cost of float32
+    in its provenance (`float32_cost`): the float64 test errors, the largest float32 - float64
+    differences of energies (per atom) and forces on the test set, and LAMMPS NVE drift in both."""
+    import tempfile
+
+    import torch
+
+    from efa_deploy.data import GraphDataset, load_structures
+    from efa_deploy.metrics import error_summary, predict
+    from efa_deploy.modelfile import load_model_file, rebuild_model, save_model_file
+
+    models = {dtype: rebuild_model(model_path, dtype) for dtype in ("float64", "float32")}
+    _, config, metadata = models["float64"]
+    provenance = {k: v for k, v in metadata["provenance"].items() if k not in ("package_version", "float32_cost")}
+    structures = load_structures(REPO / provenance["data_file"])
+    test = [structures[i] for i in provenance["test"]["indices"]]
+    structure = REPO / provenance.get("structure", "export/water16.xyz")
+    cost: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files, predictions = {}, {}
+        for dtype, (model, _, _) in models.items():
+            files[dtype] = Path(tmp) / f"{dtype}.pt"
+            save_model_file(model, config, files[dtype], provenance)
+            module, meta = load_model_file(files[dtype])
+            dataset = GraphDataset(test, meta["atomic_numbers"], meta["cutoff"], getattr(torch, dtype))
+            predictions[dtype] = predict(module, dataset, 32)
+            cost[f"{dtype}_test"] = error_summary(predictions[dtype])
+            cost[f"{dtype}_nve"] = nve_drift(files[dtype], structure)
+    p32, p64 = predictions["float32"], predictions["float64"]
+    cost["max_energy_difference_per_atom"] = float(np.abs((p32.energy - p64.energy) / p32.n_atoms).max())
+    cost["max_force_difference"] = float(np.abs(p32.forces - p64.forces).max())
+    provenance["test"] = {**provenance["test"], **cost["float32_test"]}
+    provenance["weights"] = "ema, trained in float32, shipped in float32 (efa-export --from-model --dtype float64: exact)"
+    provenance["float32_cost"] = {k: v for k, v in cost.items() if k != "float32_test"}
+    save_model_file(models["float32"][0], config, model_path, provenance, overwrite=True)
+    print(f"wrote {model_path.relative_to(REPO)} in float32 ({os.path.getsize(model_path) / 1e3:.0f} kB)")
+    print(json.dumps(cost, indent=1))
+    return cost
 
 
 # ---- stage 4 (optional): the model along its own MD trajectory --------------------------------
@@ -278,7 +345,7 @@ def check() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["data", "train", "export", "check", "all"])
+    p.add_argument("stage", choices=["data", "train", "export", "check", "all", "float32"])
     args = p.parse_args(argv)
     import torch
 
@@ -287,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         t0 = time.monotonic()
         print(f"== {stage}", flush=True)
-        {"data": make_data, "train": train, "export": export, "check": check}[stage]()
+        {"data": make_data, "train": train, "export": export, "check": check,
+         "float32": lambda: [ship_float32(path) for path in sorted(HERE.glob("*.pt"))]}[stage]()
         print(f"== {stage} done in {time.monotonic() - t0:.0f} s", flush=True)
     return 0
 

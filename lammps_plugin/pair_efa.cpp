@@ -111,7 +111,7 @@ PairEFA::PairEFA(LAMMPS *lmp) :
   skip_backward_sum_ = env_flag("EFA_UNSAFE_SKIP_BACKWARD_SUM");
   // tests/test_bad_inputs.py: a model evaluation error on this rank only
   fail_on_rank_ = env_int("EFA_TEST_FAIL_ON_RANK", -1);
-  efa_keep_large_blocks();  // MD repeats the same shapes every step: no page-fault tax
+  efa_malloc_policy("lean");  // peak memory near the live tensors (EFA_DEPLOY_MALLOC=keep: no page faults)
 }
 
 PairEFA::~PairEFA()

@@ -41,6 +41,7 @@ class BackendGuard {
 
 }  // namespace efa
 
-// Keeps large freed blocks in the heap (no mmap per tensor); returns 1 when applied, 0 when
-// EFA_DEPLOY_MALLOC=system or the C library has no such setting (malloc_policy.cpp).
-extern "C" int efa_keep_large_blocks();
+// Sets glibc's malloc policy named by EFA_DEPLOY_MALLOC (lean, keep or system), `fallback` when it is
+// unset; returns 1 when a setting was applied, 0 for system or a C library without mallopt
+// (malloc_policy.cpp).
+extern "C" int efa_malloc_policy(const char *fallback);

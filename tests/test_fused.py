@@ -1,8 +1,11 @@
-"""The fused message operator torch.ops.efa.message against the reference message_passing:
-float64 equality (1e-12 relative) of outputs, gradients, energies, forces and per-atom
-energies on random graphs, empty graphs, isolated atoms and ghosts; TorchScript; LAMMPS at
-1 and 2 ranks; a clear error on double backward; and a negative control per input. The model
-tests run the fused EFA operators too (their own tests: test_fused_efa.py)."""
+"""The fused message operators against their references: torch.ops.efa.edge_message (what
+exported files call: the radial basis, envelope and unit vectors made from the edge vectors per
+chunk of edges) against edge_message_passing, and torch.ops.efa.message (what older files call)
+against message_passing: float64 equality (1e-12 relative) of outputs, gradients, energies,
+forces and per-atom energies on random graphs, empty graphs, isolated atoms and ghosts;
+TorchScript; LAMMPS at 1 and 2 ranks; a clear error on double backward; a negative control per
+input; and a bound on the bytes the fused energy + forces call keeps for backward per atom. The
+model tests run the fused EFA operators too (their own tests: test_fused_efa.py)."""
 
 from __future__ import annotations
 
@@ -15,13 +18,13 @@ import torch
 
 from efa_deploy.graph import structure_graph
 from efa_deploy.model import ModelConfig, energy_and_forces, use_fused
-from efa_deploy.model.local import message_passing
-from efa_deploy.modelfile import load_model_file, save_model_file
-from efa_deploy.ops import MESSAGE_SCHEMA
+from efa_deploy.model.local import edge_message_passing, message_passing, radial_frequencies
+from efa_deploy.modelfile import load_model_file, rebuild_model, save_model_file
+from efa_deploy.ops import EDGE_MESSAGE_SCHEMA, MESSAGE_SCHEMA
 from efa_deploy.paths import OPS_LIBRARY
 
-from helpers import (CONFIG, REPO, RTOL, assert_close, fused_and_reference, jittered_cluster, randomised_model,
-                     static_run, water_cluster, write_data)
+from helpers import (CONFIG, MESSAGE_OPS, OLD_MESSAGE_OPS, REPO, RTOL, assert_close, fused_and_reference,
+                     jittered_cluster, model_outputs, randomised_model, static_run, water_cluster, write_data)
 
 pytestmark = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
 
@@ -45,22 +48,27 @@ def random_inputs(atoms: int, edges: int, features: int = 8, radial: int = 5, li
     }
 
 
-def outputs_and_gradients(op, inputs: dict) -> list[torch.Tensor]:
+def outputs_and_gradients(op, inputs: dict, float_inputs: tuple[str, ...] = FLOAT_INPUTS) -> list[torch.Tensor]:
     """(dx, dv) and the gradient of a fixed random functional of them with respect to every float input."""
-    leaves = {k: v.clone().requires_grad_(k in FLOAT_INPUTS) for k, v in inputs.items()}
+    leaves = {k: v.clone().requires_grad_(k in float_inputs) if isinstance(v, torch.Tensor) else v
+              for k, v in inputs.items()}
     dx, dv = op(*leaves.values())
     g = torch.Generator().manual_seed(1)
     loss = (dx * torch.randn(dx.shape, generator=g, dtype=dx.dtype)).sum() + (
         dv * torch.randn(dv.shape, generator=g, dtype=dv.dtype)).sum()
-    grads = torch.autograd.grad(loss, [leaves[k] for k in FLOAT_INPUTS], allow_unused=True)
-    return [dx, dv] + [torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(FLOAT_INPUTS, grads)]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in float_inputs], allow_unused=True)
+    return [dx, dv] + [torch.zeros_like(leaves[k]) if gr is None else gr for k, gr in zip(float_inputs, grads)]
 
 
-@pytest.mark.parametrize(
+# (atoms, edges, linked) of the operator tests: kChunk is 256 edges
+GRAPHS = pytest.mark.parametrize(
     "atoms, edges, linked",
     [(0, 0, None), (6, 0, None), (1, 3, None), (7, 40, None), (60, 1500, None), (300, 2049, 100)],
-    ids=["0 atoms", "0 edges", "self loops", "small", "3 chunks", "isolated atoms"],
+    ids=["0 atoms", "0 edges", "self loops", "small", "6 chunks", "isolated atoms"],
 )
+
+
+@GRAPHS
 def test_operator_equals_reference(atoms, edges, linked):
     inputs = random_inputs(atoms, edges, linked=linked)
     fused = outputs_and_gradients(torch.ops.efa.message, inputs)
@@ -113,12 +121,144 @@ def test_schema_and_meta_kernel():
     assert dx.shape == (9, 4) and dv.shape == (9, 3, 4) and dx.device.type == "meta"
 
 
+# -- efa::edge_message: the geometry from the edge vectors, per chunk --------------------------
+
+EDGE_FLOAT_INPUTS = ("filter", "vec", "d", "weight", "bias")
+EDGE_CUTOFF = 4.0
+
+
+def random_edge_inputs(atoms: int, edges: int, features: int = 8, radial: int = 5, linked: int | None = None,
+                       seed: int = 0) -> dict:
+    """Inputs of efa::edge_message: edge vectors of lengths in (0.3, 1.25 cutoff), a fifth of them
+    beyond the cutoff (envelope and slope zero); edges join only the first `linked` atoms."""
+    base = random_inputs(atoms, edges, features, radial, linked, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    lengths = 0.3 + (1.25 * EDGE_CUTOFF - 0.3) * torch.rand(edges, 1, generator=g, dtype=torch.float64)
+    return {"filter": base["filter"], "vec": base["vec"], "d": base["unit"] * lengths,
+            "n_pi": radial_frequencies(radial, EDGE_CUTOFF), "weight": base["weight"], "bias": base["bias"],
+            "sender": base["sender"], "receiver": base["receiver"], "cutoff": EDGE_CUTOFF}
+
+
+def edge_outputs_and_gradients(op, inputs: dict) -> list[torch.Tensor]:
+    return outputs_and_gradients(op, inputs, EDGE_FLOAT_INPUTS)
+
+
+@GRAPHS
+def test_edge_operator_equals_reference(atoms, edges, linked):
+    inputs = random_edge_inputs(atoms, edges, linked=linked)
+    fused = edge_outputs_and_gradients(torch.ops.efa.edge_message, inputs)
+    assert_close(fused, edge_outputs_and_gradients(edge_message_passing, inputs))
+    if linked is not None:  # isolated atoms receive nothing and pass nothing back
+        assert fused[0][linked:].abs().max() == 0 and fused[2][linked:].abs().max() == 0
+    if edges:
+        assert all(t.abs().max() > 0 for t in fused)  # every output and gradient is exercised
+        beyond = inputs["d"].norm(dim=1) >= EDGE_CUTOFF
+        assert beyond.any() and (fused[4][beyond] == 0).all()  # edges beyond the cutoff: no force
+
+
+def test_edge_operator_in_float32_follows_the_reference():
+    inputs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in random_edge_inputs(50, 1000).items()}
+    assert_close(edge_outputs_and_gradients(torch.ops.efa.edge_message, inputs),
+                 edge_outputs_and_gradients(edge_message_passing, inputs), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", EDGE_FLOAT_INPUTS + ("n_pi", "cutoff"))
+def test_a_perturbed_edge_input_fails_the_comparison(name):
+    """Negative control: a 1e-9 relative change to any one input is caught by the comparison."""
+    inputs = random_edge_inputs(40, 300)
+    fused = edge_outputs_and_gradients(torch.ops.efa.edge_message, inputs)
+    broken = dict(inputs, **{name: inputs[name] * (1 + 1e-9)})
+    with pytest.raises(AssertionError):
+        assert_close(fused, edge_outputs_and_gradients(edge_message_passing, broken))
+
+
+def test_edge_first_derivatives_match_finite_differences():
+    inputs = random_edge_inputs(5, 12, features=3, radial=2)
+    args = [v.requires_grad_(k in EDGE_FLOAT_INPUTS) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()]
+    assert torch.autograd.gradcheck(torch.ops.efa.edge_message, args)
+
+
+def test_edge_double_backward_raises():
+    inputs = random_edge_inputs(5, 12)
+    args = [v.requires_grad_(k in EDGE_FLOAT_INPUTS) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()]
+    dx, dv = torch.ops.efa.edge_message(*args)
+    (g,) = torch.autograd.grad(dx.sum() + (dv ** 2).sum(), [args[2]], create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative.*use_fused"):
+        g.sum().backward()
+
+
+def test_edge_bad_inputs_raise_clear_errors_schema_and_meta_kernel():
+    inputs = random_edge_inputs(4, 6)
+    with pytest.raises(RuntimeError, match=r"efa::edge_message: d must be \(E, 3\)"):
+        torch.ops.efa.edge_message(*dict(inputs, d=inputs["d"][:, :2]).values())
+    with pytest.raises(RuntimeError, match=r"weight must be \(3F, R\)"):
+        torch.ops.efa.edge_message(*dict(inputs, n_pi=inputs["n_pi"][:3]).values())
+    with pytest.raises(RuntimeError, match="efa::edge_message: edge 2 joins atoms"):
+        sender = inputs["sender"].clone()
+        sender[2] = 4
+        torch.ops.efa.edge_message(*dict(inputs, sender=sender).values())
+    assert str(torch.ops.efa.edge_message.default._schema) == "efa::" + EDGE_MESSAGE_SCHEMA
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in random_edge_inputs(9, 20, features=4).items()}
+    dx, dv = torch.ops.efa.edge_message(*meta.values())
+    assert dx.shape == (9, 4) and dv.shape == (9, 3, 4) and dx.device.type == "meta"
+
+
+def saved_bytes_per_atom(model, graph) -> float:
+    """Bytes autograd keeps for backward in one energy + forces call, per atom (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        energy_and_forces(model, *graph.inputs())
+    return sum(seen.values()) / graph.positions.shape[0]
+
+
+# float32, 32 features, 2 layers, cutoff 5 A, 16 radial functions, water droplets (36-42 edges per
+# atom). Measured with efa::edge_message: 9.1 KB/atom (local), 10.4-10.6 (EFA), the graph's
+# saved indices included; with efa::message + efa::radial_basis (before) 12.5 / 13.8, since the
+# E x 16 basis alone is 2.6 KB/atom (benchmarks/results/memory_breakdown_2026-11-27.md).
+SAVED_KB_PER_ATOM = {False: 9.5, True: 11.0}
+
+
+@pytest.mark.parametrize("use_efa", [False, True], ids=["local", "EFA"])
+def test_fused_energy_and_forces_keep_few_bytes_for_backward(use_efa):
+    """What autograd saves for backward in the fused energy + forces call is bounded per atom
+    (counted, not timed: machine-independent): no per-edge tensor but d (E x 3) and the indices."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from fused_step import random_model, water_droplet
+
+    graph = structure_graph(water_droplet(600), [1, 8], 5.0, torch.float32)
+    model = use_fused(random_model(use_efa, torch.float32), True)
+    edges_per_atom = graph.edge_index.shape[1] / graph.positions.shape[0]
+    assert 35 < edges_per_atom < 45
+    saved = saved_bytes_per_atom(model, graph)
+    assert saved <= 1024 * SAVED_KB_PER_ATOM[use_efa], saved / 1024
+    # negative control: the reference radial basis keeps its E x 16 tensors (5 KB/atom more)
+    use_fused(model, False)
+    assert saved_bytes_per_atom(model, graph) > saved + 16 * 4 * edges_per_atom
+
+
 # -- the whole model --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("script", [False, True], ids=["eager", "TorchScript"])
 def test_model_on_water_cluster(script):
     graph = structure_graph(water_cluster(), CONFIG.atomic_numbers, CONFIG.cutoff)
     fused, reference = fused_and_reference(graph, script=script)
+    assert_close(fused, reference)
+
+
+def test_model_uses_its_own_radial_frequencies():
+    """A model trained in float32 and cast to float64 (the shipped ones) carries float32-rounded
+    frequencies n_pi: the fused path takes the model's buffer, not n pi / cutoff anew."""
+    model = randomised_model(CONFIG)
+    with torch.no_grad():
+        model.radial.n_pi.copy_(model.radial.n_pi.float().double())
+    graph = structure_graph(water_cluster(), CONFIG.atomic_numbers, CONFIG.cutoff)
+    fused, reference = fused_and_reference(graph, model=model)
     assert_close(fused, reference)
 
 
@@ -142,6 +282,19 @@ def test_model_on_empty_graphs(use_efa):
         config = ModelConfig(atomic_numbers=[1, 6, 8], features=8, use_efa=use_efa)
         fused, reference = fused_and_reference(graph, config)
         assert_close(fused, reference)
+
+
+def test_files_calling_the_old_message_operators_load_and_equal_the_current_code():
+    """A file exported before efa::edge_message (efa::message + efa::radial_basis in its code) loads,
+    runs its own operators, and equals the same weights on the current code to 1e-12."""
+    path = REPO / "tests" / "data" / "old_message_ops.pt"
+    module, metadata = load_model_file(path)
+    assert metadata["ops"] == ["efa::forward_ghosts", "efa::message", "efa::radial_basis"]
+    model, _, _ = rebuild_model(path)
+    graph = structure_graph(jittered_cluster(30), [1, 6, 8], 4.0)
+    old = model_outputs(module, graph, OLD_MESSAGE_OPS)
+    assert old[0].abs().max() > 0.01
+    assert_close(model_outputs(torch.jit.script(use_fused(model, True)), graph, MESSAGE_OPS), old)
 
 
 def test_training_with_the_fused_path_raises():

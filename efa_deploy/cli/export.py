@@ -3,6 +3,7 @@
 
     efa-export runs/x/best.ckpt -o model.pt [--check] [--force]
     efa-export --from-model old.pt -o new.pt      (a model file of an older format, rewritten)
+    efa-export --from-model m.pt --dtype float64 -o m64.pt   (the same weights in another dtype)
 
 --check reloads the written file and compares its energies and forces with the eager model
 on held-out structures (the checkpoint's test split, else its validation split, or --check-data).
@@ -130,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of a checkpoint: a model file of any format version, rewritten as a current one")
     p.add_argument("-o", "--output", required=True, help="model file to write (TorchScript)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--dtype", choices=["float32", "float64"],
+                   help="with --from-model: cast the weights to this dtype (default: the file's)")
     p.add_argument("--weights", choices=["ema", "raw"], default="ema", help="EMA weights (default) or the raw ones")
     p.add_argument("--check", action="store_true", help="reload the file and compare it with the eager model")
     p.add_argument("--check-data", help="structures for --check (default: the checkpoint's held-out split)")
@@ -140,10 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     weights = "model" if args.weights == "raw" else "ema"
     if (args.checkpoint is None) == (args.from_model is None):
         p.error("give a checkpoint or --from-model OLD.pt (one of them)")
+    if args.dtype and not args.from_model:
+        p.error("--dtype goes with --from-model (a checkpoint is exported in its training dtype)")
     try:
         if args.from_model:
-            metadata = convert_model_file(args.from_model, args.output, args.force)
-            print(f"wrote {args.output} (format version {metadata['format_version']}) from {args.from_model}")
+            metadata = convert_model_file(args.from_model, args.output, args.force, args.dtype)
+            print(f"wrote {args.output} (format version {metadata['format_version']}, {metadata['dtype']}) "
+                  f"from {args.from_model}")
             return 0
         metadata = export_checkpoint(args.checkpoint, args.output, weights, args.force)
         print(f"wrote {args.output}: elements {' '.join(metadata['elements'])}, cutoff {metadata['cutoff']} A, "

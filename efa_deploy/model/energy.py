@@ -66,17 +66,17 @@ class InteractionLayer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         f = config.features
-        self.message = Message(f, config.num_radial)
+        self.message = Message(f, config.num_radial, float(config.cutoff))
         self.update = Update(f)
         self.local_mlp = mlp(f, f, f, zero_last=True)
         self.global_update = GlobalUpdate(config) if config.use_efa else NoGlobalUpdate()
 
     def forward(
         self, x: Tensor, vec: Tensor, positions: Tensor, batch: Tensor, n_structures: int, owned: Tensor,
-        sender: Tensor, receiver: Tensor, rbf: Tensor, envelope: Tensor, unit: Tensor,
+        sender: Tensor, receiver: Tensor, d: Tensor, rbf: Tensor, envelope: Tensor, unit: Tensor,
         reciprocal: Optional[Tuple[Tensor, Tensor, Tensor]],
     ) -> tuple[Tensor, Tensor]:
-        dx, dv = self.message(x, vec, sender, receiver, rbf, envelope, unit)
+        dx, dv = self.message(x, vec, sender, receiver, d, rbf, envelope, unit)
         x_local = x + dx
         vec = vec + dv
         du, dvu = self.update(x_local, vec)
@@ -160,13 +160,13 @@ class EnergyModel(nn.Module):
         return self.embedding(species)
 
     def edge_geometry(self, positions: Tensor, sender: Tensor, receiver: Tensor, edge_shift: Tensor
-                      ) -> tuple[Tensor, Tensor, Tensor]:
-        """Radial basis (E, R), envelope (E, 1) and unit vectors (E, 3) of the edges."""
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Edge vectors (E, 3), radial basis (E, R), envelope (E, 1) and unit vectors (E, 3) of the
+        edges; on the fused CPU path, where efa::edge_message makes the last three from the edge
+        vectors per chunk of edges, the basis's frequencies (R,) and two empty tensors (local.py)."""
         d = positions[sender] - positions[receiver] + edge_shift
-        r = torch.sqrt(torch.sum(d * d, dim=1))
-        unit = d / r.unsqueeze(1)
-        rbf, envelope = self.radial(r)
-        return rbf, envelope, unit
+        rbf, envelope, unit = self.radial.geometry(d)
+        return d, rbf, envelope, unit
 
     def atomic_energies(
         self, positions: Tensor, species: Tensor, edge_index: Tensor, edge_shift: Tensor,
@@ -178,13 +178,13 @@ class EnergyModel(nn.Module):
             reciprocal = reciprocal_terms(positions, cell.to(positions.dtype), batch, self.kernel_lengths,
                                           self.kernel_norms, self.k_max)
         sender, receiver = edge_index[0], edge_index[1]
-        rbf, envelope, unit = self.edge_geometry(positions, sender, receiver, edge_shift)
+        d, rbf, envelope, unit = self.edge_geometry(positions, sender, receiver, edge_shift)
         n = positions.shape[0]
         x = self.initial_features(species, batch, charge_spin)
         vec = torch.zeros(n, 3, self.features, dtype=x.dtype, device=x.device)
         last = len(self.layers) - 1
         for t, layer in enumerate(self.layers):
-            x, vec = layer(x, vec, positions, batch, n_structures, owned, sender, receiver, rbf, envelope, unit,
+            x, vec = layer(x, vec, positions, batch, n_structures, owned, sender, receiver, d, rbf, envelope, unit,
                            reciprocal)
             if t < last:  # ghosts take their owners' features (identity outside LAMMPS)
                 synced = torch.ops.efa.forward_ghosts(torch.cat([x, vec.reshape(n, 3 * self.features)], dim=1))
