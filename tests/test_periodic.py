@@ -401,3 +401,25 @@ def test_python_host_survives_a_periodic_model_on_a_finite_box(model_file, tmp_p
     lmp.command("run 0")
     assert np.isfinite(lmp.get_thermo("pe"))
     lmp.close()
+
+
+# ---- the shipped periodic model and its deck
+
+@pytest.mark.mpi
+def test_the_shipped_periodic_deck_gives_the_same_run_at_one_and_two_ranks():
+    import os
+    import subprocess
+
+    from helpers import LMP, MPIEXEC, REPO
+
+    folder = REPO / "examples" / "periodic"
+    finals = []
+    for nprocs in (1, 2):
+        proc = subprocess.run([str(MPIEXEC), "-n", str(nprocs), str(LMP), "-in", "in.npt", "-var", "steps", "100",
+                               "-log", "none"], cwd=folder, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        line = [x for x in proc.stdout.splitlines() if x.startswith("final ")][-1]
+        finals.append(np.array(line.split()[1:], dtype=float))
+    np.testing.assert_allclose(finals[1], finals[0], rtol=1e-8)
+    assert np.all(np.isfinite(finals[0]))
