@@ -151,9 +151,11 @@ class EFACalculator(Calculator):
         want_stress = "stress" in properties
         if want_stress and not atoms.cell.rank == 3:
             raise ValueError("stress needs a three-dimensional cell")
-        cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=self.dtype, device=self.device)
-        evaluate = energy_forces_stress if want_stress else energy_and_forces
-        results = evaluate(self.module, *graph.inputs(), **({"cell": cell} if want_stress else {}))
+        if want_stress:
+            cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=self.dtype, device=self.device)
+            results = energy_forces_stress(self.module, *graph.inputs(), cell=cell)
+        else:
+            results = energy_and_forces(self.module, *graph.inputs())
         energy, forces, atomic = (t.detach() for t in results[:3])
         check_finite_results(atomic, forces, graph)
         self.results["energy"] = float(energy.sum())
