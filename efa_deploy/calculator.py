@@ -67,13 +67,21 @@ class EFACalculator(Calculator):
     multiplicity 1 (or nothing).
     Stress is available for periodic cells with local models and models with periodic EFA
     (periodic_efa: true), which evaluate fully periodic cells only.
+    kspace: for periodic EFA, "direct" (the exact sum over reciprocal-lattice vectors, O(N^2) as
+    the box grows), "mesh" (smooth particle-mesh, O(N log N), about 1e-3 relative error in the
+    global sums; the mesh is kept while it carries every k-vector of the cell, so energies stay
+    continuous under NPT) or "auto" (default: the mesh for cells with many k-vectors, decided at
+    the first evaluation and then kept), as pair_style efa kspace.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "energies"]
 
     def __init__(self, model: str | Path, device: str = "cpu", extent_check: str | None = None,
-                 grid: str | int = "auto", charge: float | None = None, spin: float | None = None, **kwargs):
+                 grid: str | int = "auto", charge: float | None = None, spin: float | None = None,
+                 kspace: str = "auto", **kwargs):
         super().__init__(**kwargs)
+        if kspace not in ("direct", "mesh", "auto"):
+            raise ValueError(f"kspace must be 'direct', 'mesh' or 'auto', not {kspace!r}")
         if extent_check not in (None, "warn", "error", "off"):
             raise ValueError(f"extent_check must be 'warn', 'error' or 'off', not {extent_check!r}")
         self.module, self.metadata = load_any(model, device)
@@ -83,6 +91,12 @@ class EFACalculator(Calculator):
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.efa = bool(self.metadata["efa"].get("enabled"))
         self.takes_cell = takes_cell(self.metadata)  # periodic EFA: no Lebedev grid to choose
+        if self.takes_cell and not hasattr(self.module, "set_kspace"):  # a file from before the mesh
+            if kspace == "mesh":
+                raise ValueError(f"{model} predates the k-space mesh: re-export it (efa-export --from-model) "
+                                 "or use kspace='direct'")
+            kspace = "direct"
+        self.kspace = kspace
         self.global_inputs = list(self.metadata.get("global_inputs", []))
         self.charge, self.spin = charge, spin
         if charge is not None or spin is not None:
@@ -123,6 +137,18 @@ class EFACalculator(Calculator):
                           RuntimeWarning, stacklevel=4)
             self._warned_extent = True
 
+    def _select_kspace(self, atoms) -> None:
+        """Periodic EFA: the direct sum or the mesh for this cell (kspace "auto" is decided once)."""
+        if not self.takes_cell or (self.kspace == "direct" and not self.module.kspace_mesh()):
+            return
+        before = self.module.kspace_mesh()
+        cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=torch.float64, device=self.device)
+        sizes = self.module.set_kspace(self.kspace, cell)
+        if self.kspace == "auto":
+            self.kspace = "mesh" if sizes else "direct"
+        if sizes != before:
+            log.info("EFACalculator: k-space %s", "x".join(map(str, sizes)) + " mesh" if sizes else "direct sum")
+
     def charge_spin(self, atoms) -> tuple[float, float]:
         """(total charge, multiplicity) for atoms: atoms.info first, then the calculator's."""
         return charge_spin_input(self.global_inputs, atoms.info.get("charge", self.charge),
@@ -140,6 +166,7 @@ class EFACalculator(Calculator):
         check_structure(atoms, self.metadata, "atoms")
         charge_spin = self.charge_spin(atoms)
         self._select_grid(atoms.positions)
+        self._select_kspace(atoms)
         return charge_spin
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
@@ -151,11 +178,15 @@ class EFACalculator(Calculator):
         want_stress = "stress" in properties
         if want_stress and not atoms.cell.rank == 3:
             raise ValueError("stress needs a three-dimensional cell")
-        if want_stress:
-            cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=self.dtype, device=self.device)
-            results = energy_forces_stress(self.module, *graph.inputs(), cell=cell)
-        else:
-            results = energy_and_forces(self.module, *graph.inputs())
+        # the plain TorchScript executor, as pair_style efa: the optimising one re-specialises the
+        # graph when a call differentiates by other inputs (stress after energy), and its stress of
+        # the mesh path was then wrong (tests/test_periodic.py)
+        with torch.jit.optimized_execution(False):
+            if want_stress:
+                cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=self.dtype, device=self.device)
+                results = energy_forces_stress(self.module, *graph.inputs(), cell=cell)
+            else:
+                results = energy_and_forces(self.module, *graph.inputs())
         energy, forces, atomic = (t.detach() for t in results[:3])
         check_finite_results(atomic, forces, graph)
         self.results["energy"] = float(energy.sum())

@@ -188,6 +188,7 @@ class EFASimulation:
     extent: "warn", "error" or "off": what pair_style efa does when the structure grows beyond
         the grid's exact range (the largest rule's with grid "auto"); default: error with grid
         "auto", warn with a fixed grid.
+    kspace: for periodic EFA, "direct", "mesh" or "auto" (pair_style efa kspace; EFACalculator).
     margin: Angstrom of empty space around a finite structure in its (shrink-wrapped) box.
     comm: mpi4py communicator (default MPI.COMM_WORLD).
     pbc: for a LAMMPS data file (which does not say), whether its box is periodic; default: as
@@ -202,7 +203,8 @@ class EFASimulation:
     def __init__(self, structure, model: str | os.PathLike, elements: Sequence[str] | None = None,
                  device: str = "cpu", extent: str | None = None, margin: float = 10.0, comm=None,
                  pbc: bool | None = None, log: str | os.PathLike | None = None, screen: bool = False,
-                 grid: str | int = "auto", charge: float | None = None, spin: float | None = None):
+                 grid: str | int = "auto", charge: float | None = None, spin: float | None = None,
+                 kspace: str = "auto"):
         from mpi4py import MPI
 
         self.comm = comm if comm is not None else MPI.COMM_WORLD
@@ -212,6 +214,8 @@ class EFASimulation:
             raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
         if extent not in (None, "warn", "error", "off"):
             raise ValueError(f"extent must be 'warn', 'error' or 'off', not {extent!r}")
+        if kspace not in ("direct", "mesh", "auto"):
+            raise ValueError(f"kspace must be 'direct', 'mesh' or 'auto', not {kspace!r}")
         if grid != "auto" and (isinstance(grid, bool) or not isinstance(grid, int) or grid <= 0):
             raise ValueError(f"grid must be 'auto' or a number of Lebedev points, not {grid!r}")
         self.metadata = model_metadata(self.model)
@@ -235,7 +239,7 @@ class EFASimulation:
         args = ["-log", str(log) if log else "none", "-nocite"] + ([] if screen else ["-screen", "none"])
         self.lmp = start_lammps(args, self.comm)
         boundary = " ".join("p" if p else "s" for p in self.periodic)
-        pair = (f"efa device {device} grid {grid}" + (f" extent {extent}" if extent else "")
+        pair = (f"efa device {device} grid {grid} kspace {kspace}" + (f" extent {extent}" if extent else "")
                 + global_input_keywords(self.metadata, self.charge_spin))
         type_elements = " ".join(self.model_elements)
         self.lmp.commands_string(f"""

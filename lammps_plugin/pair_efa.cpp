@@ -141,6 +141,8 @@ void PairEFA::settings(int narg, char **arg)
   extent_policy_ = ExtentPolicy::Default;
   grid_fixed_ = 0;
   charge_ = spin_ = std::numeric_limits<double>::quiet_NaN();
+  kspace_ = "auto";
+  kspace_mesh_.clear();
   int iarg = 0;
   while (iarg < narg) {
     const std::string key = arg[iarg];
@@ -159,6 +161,10 @@ void PairEFA::settings(int narg, char **arg)
       grid_fixed_ = value == "auto" ? 0 : utils::inumeric(FLERR, value, false, lmp);
       if (grid_fixed_ < 0)
         error->all(FLERR, "pair_style efa: grid must be 'auto' or a number of Lebedev points, not '{}'", value);
+    } else if (key == "kspace") {
+      if (value != "direct" && value != "mesh" && value != "auto")
+        error->all(FLERR, "pair_style efa: kspace must be direct, mesh or auto, not '{}'", value);
+      kspace_ = value;
     } else if (key == "charge") {
       charge_ = utils::numeric(FLERR, value, false, lmp);
       if (!std::isfinite(charge_))
@@ -168,7 +174,7 @@ void PairEFA::settings(int narg, char **arg)
       if (!(std::isfinite(spin_) && spin_ >= 1.0 && spin_ == std::round(spin_)))
         error->all(FLERR, "pair_style efa: spin is the multiplicity 2S+1, a whole number >= 1, not '{}'", value);
     } else {
-      error->all(FLERR, "pair_style efa: unknown keyword '{}' (known: device, grid, extent, charge, spin)", key);
+      error->all(FLERR, "pair_style efa: unknown keyword '{}' (known: device, grid, extent, kspace, charge, spin)", key);
     }
     iarg += 2;
   }
@@ -296,6 +302,12 @@ void PairEFA::load_model(const std::string &path)
   if (model_cell_ && comm->me == 0)
     utils::logmesg(lmp, "pair_style efa: periodic EFA, reciprocal-lattice vectors |k| < {} 1/A\n",
                    meta["efa"]["k_max"].get<double>());
+  if (model_cell_ && !model_->find_method("set_kspace")) {
+    if (kspace_ == "mesh")
+      error->all(FLERR, "pair_style efa: model {} predates the k-space mesh; re-export it with this version's "
+                        "efa-export (--from-model) or use 'kspace direct'", path);
+    kspace_ = "direct";  // such a model always evaluates the direct sum
+  }
   if (r_max_ > 0 && !model_cell_ && comm->me == 0) {
     const auto sizes = model_->run_method("grid_sizes").toIntVector();
     const double reach = model_->run_method("exact_extent", sizes.back()).toDouble();
@@ -545,7 +557,10 @@ void PairEFA::compute(int eflag, int vflag)
       const double charge_spin[2] = {model_charge_ ? charge_ : 0.0, model_spin_ ? spin_ : 1.0};
       inputs.emplace_back(torch::tensor({charge_spin[0], charge_spin[1]}, cpu_double).reshape({1, 2}).to(on_device));
     }
-    if (model_cell_) inputs.emplace_back(cell);
+    if (model_cell_) {
+      select_kspace(cell.detach());
+      inputs.emplace_back(cell);
+    }
     atomic = model_->forward(inputs).toTensor();
     backend.in_backward = true;
     std::vector<torch::Tensor> wrt{positions};
@@ -605,6 +620,24 @@ void PairEFA::check_periodic_cell()
                "model's cutoff of {} A: replicate it ('replicate 2 2 2'); the periodic model gives the same energy "
                "per atom in any supercell",
                width, update->ntimestep, cutoff_);
+}
+
+// Every rank holds the same cell, so every rank installs the same mesh (or the direct sum); the
+// model keeps a mesh while it carries every k-vector of the cell, so the energy stays continuous
+// under NPT (the model's set_kspace). 'auto' is resolved at the first step and then kept.
+void PairEFA::select_kspace(const torch::Tensor &cell)
+{
+  if (kspace_ == "direct" && kspace_mesh_.empty()) return;
+  const auto sizes = model_->run_method("set_kspace", kspace_, cell).toIntVector();
+  if (kspace_ == "auto") kspace_ = sizes.empty() ? "direct" : "mesh";
+  if (sizes != kspace_mesh_ && comm->me == 0) {
+    if (sizes.empty())
+      utils::logmesg(lmp, "pair_style efa: k-space: direct sum over the reciprocal-lattice vectors\n");
+    else
+      utils::logmesg(lmp, "pair_style efa: k-space: mesh {}x{}x{} (order 6) at step {}\n", sizes[0], sizes[1],
+                     sizes[2], update->ntimestep);
+  }
+  kspace_mesh_ = sizes;
 }
 
 void PairEFA::evaluation_failed(const std::string &reason)

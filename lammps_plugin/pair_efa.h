@@ -62,6 +62,8 @@ class PairEFA : public Pair {
   double r_max_;  // 0 when the model has no EFA
   bool model_periodic_;
   bool model_cell_;  // periodic EFA: the model takes the cell; virial by the strain derivative
+  std::string kspace_;              // periodic EFA: direct, mesh or auto (resolved at the first step)
+  std::vector<int64_t> kspace_mesh_;  // the mesh in use (empty: the direct sum over k)
   std::vector<std::string> model_elements_;
   std::vector<int> type_to_species_;  // per LAMMPS type; -1 for NULL
   double energy_unit_;                // eV -> LAMMPS energy unit
@@ -75,6 +77,7 @@ class PairEFA : public Pair {
   void check_global_inputs();
   double check_coordinates_and_extent();
   void check_periodic_cell();
+  void select_kspace(const torch::Tensor &cell);
   void select_grid(double extent);
   [[noreturn]] void evaluation_failed(const std::string &reason);
   void check_finite_results(const double *energies, const double *forces, double closest_r2, int closest_i,

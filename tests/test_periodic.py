@@ -403,6 +403,108 @@ def test_python_host_survives_a_periodic_model_on_a_finite_box(model_file, tmp_p
     lmp.close()
 
 
+# ---- the k-space mesh (mesh.py) in the model, the calculator and LAMMPS
+
+MESH_CELL = np.array([[11.0, 0, 0], [1.5, 10.0, 0], [-0.8, 1.1, 10.5]])
+
+
+def efa_part(model, atoms, kspace):
+    """Energy, forces and stress of the periodic EFA path alone: the model's minus the same
+    model's with the EFA invariants cut off (dense weights zero), on kspace direct or mesh."""
+    cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3))
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    sizes = model.set_kspace(kspace, cell)
+    try:
+        full = evaluate(model, atoms)
+        for layer in model.layers:
+            layer.global_update.dense.weight.data.zero_()
+        local = evaluate(model, atoms)
+    finally:
+        model.load_state_dict(saved)
+        model.set_kspace("direct", cell)
+    return sizes, [a - b for a, b in zip(full, local)]
+
+
+def test_mesh_path_equals_the_direct_sum_to_its_stated_accuracy(model):
+    atoms = crystal(n=40, cell=MESH_CELL, seed=11)
+    none, direct = efa_part(model, atoms, "direct")
+    sizes, mesh = efa_part(model, atoms, "mesh")
+    assert none == [] and len(sizes) == 3
+    # mesh.py: about 1e-3 relative error in the global sums (order 6, oversampling 2)
+    for a, b in zip(mesh, direct):
+        scale = np.abs(b).max()
+        assert scale > 1e-6  # the EFA part is not negligible: a real comparison
+        assert 1e-12 * scale < np.abs(a - b).max() < 3e-3 * scale  # a different path, within its accuracy
+
+
+def test_mesh_path_forces_and_stress_are_the_derivatives_of_its_energy(model):
+    atoms = crystal(n=30, cell=MESH_CELL, seed=12)
+    cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3))
+    model.set_kspace("mesh", cell)
+    try:
+        e, f, s = evaluate(model, atoms)
+        h = 1e-5
+        for i, a in [(3, 0), (17, 2)]:
+            moved = [atoms.copy(), atoms.copy()]
+            moved[0].positions[i, a] += h
+            moved[1].positions[i, a] -= h
+            fd = -(evaluate(model, moved[0])[0] - evaluate(model, moved[1])[0]) / (2 * h)
+            assert abs(fd - f[i, a]) < 1e-7
+        strained = []
+        for sign in (1, -1):
+            other = atoms.copy()
+            eps = np.zeros((3, 3))
+            eps[0, 2] = eps[2, 0] = sign * h / 2
+            other.set_cell(atoms.cell.array @ (np.eye(3) + eps), scale_atoms=True)
+            strained.append(evaluate(model, other)[0])
+        fd = (strained[0] - strained[1]) / (2 * h) / atoms.get_volume()
+        assert abs(fd - (s[0, 2] + s[2, 0]) / 2) < 1e-9
+    finally:
+        model.set_kspace("direct", cell)
+
+
+def test_mesh_is_kept_while_it_carries_the_cell_and_auto_keeps_small_cells_direct(model):
+    cell = torch.tensor(MESH_CELL.reshape(1, 3, 3))
+    try:
+        first = model.set_kspace("mesh", cell)
+        assert model.set_kspace("mesh", cell * 1.1) == first  # NPT breathing: the same mesh
+        grown = model.set_kspace("mesh", cell * 2.5)  # k-vectors the mesh cannot carry: a new mesh
+        assert all(g > f for g, f in zip(grown, first))
+        assert model.set_kspace("auto", cell) == []  # a few hundred k-vectors: the direct sum is cheaper
+        assert model.set_kspace("auto", cell * 4.0) != []
+        with pytest.raises(RuntimeError, match="kspace must be direct, mesh or auto"):
+            model.set_kspace("fft", cell)
+    finally:
+        model.set_kspace("direct", cell)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_lammps_mesh_equals_the_calculator_mesh_at_one_and_two_ranks(model_file, tmp_path, nprocs):
+    atoms = crystal(n=40, cell=MESH_CELL, seed=13)
+    framed = lammps_frame(tmp_path, atoms)
+    calc = EFACalculator(model_file, kspace="mesh")
+    framed.calc = calc
+    e, f = framed.get_potential_energy(), framed.get_forces()
+    s = framed.get_stress(voigt=False)
+    assert len(calc.module.kspace_mesh()) == 3
+    result = static_run(tmp_path, model_file, ["H", "O"], nprocs=nprocs, boundary="p p p", pair_args="kspace mesh")
+    assert abs(result.energy - e) < 1e-10 * max(1.0, abs(e))
+    np.testing.assert_allclose(result.forces, f, rtol=0, atol=1e-10)
+    virial = -s * framed.get_volume()
+    np.testing.assert_allclose(result.virial, virial.flat[[0, 4, 8, 1, 2, 5]], rtol=0, atol=1e-9)
+    direct = EFACalculator(model_file, kspace="direct")
+    assert abs(direct.get_potential_energy(framed) - e) > 1e-12  # negative control: the mesh was in use
+
+
+def test_bad_kspace_is_refused_by_lammps_and_the_calculator(model_file, tmp_path):
+    write_data(crystal(n=6, seed=9), tmp_path / "data.lmp", ["H", "O"])
+    with pytest.raises(RuntimeError, match="kspace must be direct, mesh or auto, not 'pppm'"):
+        static_run(tmp_path, model_file, ["H", "O"], boundary="p p p", pair_args="kspace pppm")
+    with pytest.raises(ValueError, match="kspace must be 'direct', 'mesh' or 'auto'"):
+        EFACalculator(model_file, kspace="pppm")
+
+
 # ---- the shipped periodic model and its deck
 
 @pytest.mark.mpi

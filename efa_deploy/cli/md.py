@@ -72,6 +72,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--extent", default=None,
                    help="structure beyond the grid's exact range: warn, error or off (default: error with --grid auto, "
                         "else warn)")
+    p.add_argument("--kspace", default="auto", choices=["direct", "mesh", "auto"],
+                   help="periodic EFA: direct sum over k, particle mesh (O(N log N)) or auto (default)")
     p.add_argument("--charge", type=float, default=None,
                    help="total charge in e, for models trained on it (default: the structure's info 'charge')")
     p.add_argument("--spin", type=float, default=None,
@@ -242,7 +244,8 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     sim = EFASimulation(structure, args.model, elements=args.elements, device=args.device, extent=args.extent,
-                        comm=comm, log=args.log, grid=args.grid, charge=args.charge, spin=args.spin)
+                        comm=comm, log=args.log, grid=args.grid, charge=args.charge, spin=args.spin,
+                        kspace=args.kspace)
     meta = sim.metadata
     efa = meta["efa"]
     say(f"{PROG}: {sim.n_atoms} atoms from {structure}, model {args.model} "

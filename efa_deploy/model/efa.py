@@ -19,7 +19,7 @@ cancels in any linear sum over its two hydrogens, sum_j d_j = 0, but not in sum_
 """
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .. import ops  # noqa: F401  (registers torch.ops.efa)
 from .erope import contract_queries, pad, padded_phases, padded_slots, sum_keys_values
 from .lebedev import lebedev_grid
+from .mesh import mesh_key_value_sums, mesh_query_contraction
 
 def frequencies(num_pairs: int, b_max: float, r_max: float) -> Tensor:
     """omega_f = (b_max / r_max) f / (K - 1), f = 0 .. K-1; f = 0 is a plain global term."""
@@ -48,6 +49,7 @@ class EuclideanFastAttention(nn.Module):
     tensors, first derivatives only; the reference keeps second derivatives for training."""
 
     fused: bool
+    mesh: List[int]
 
     def __init__(
         self,
@@ -74,6 +76,8 @@ class EuclideanFastAttention(nn.Module):
         self.use_silu = qk_activation == "silu"
         self.fused = False
         self.exact = False  # evaluate the O(N^2) pairwise form instead (tests, benchmarks)
+        # the periodic form on this K1 x K2 x K3 mesh (mesh.py) instead of the direct sum over k; [] = direct
+        self.mesh = []
         # in training mode, batches of structures this small take the pairwise form: the same
         # kernel while all pairs are within r_max (checked), and far cheaper for molecules
         self.train_pairwise_max_atoms = train_pairwise_max_atoms
@@ -175,6 +179,11 @@ class EuclideanFastAttention(nn.Module):
             weights = self.grid_weights.to(v.dtype).reshape(1, 1, -1, 1)
         else:
             positions, directions, weights = reciprocal
+            if len(self.mesh) == 3:
+                kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh)
+                kv = torch.ops.efa.global_sum(kv) * weights.unsqueeze(3)
+                y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh)
+                return self._invariants(self.scale * y, vec)
             omega = torch.ones_like(self.omega)
             weights = weights.unsqueeze(3)
         trig = positions.new_zeros(0) if fused else padded_phases(positions, omega, directions, slot, n_structures, n_max)

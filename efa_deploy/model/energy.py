@@ -11,7 +11,8 @@ from .config import ModelConfig
 from .efa import EuclideanFastAttention
 from .grid import LebedevRules, carried_rules
 from .local import Message, RadialBasis, Update, mlp
-from .reciprocal import length_scales, normalisers, reciprocal_terms
+from .mesh import mesh_size
+from .reciprocal import lattice_indices, length_scales, mesh_holds, normalisers, reciprocal_terms
 
 
 class GlobalUpdate(nn.Module):
@@ -46,6 +47,9 @@ class GlobalUpdate(nn.Module):
         self.efa.grid_points = points
         self.efa.grid_weights = weights
 
+    def use_mesh(self, sizes: List[int]) -> None:
+        self.efa.mesh = sizes
+
 
 class NoGlobalUpdate(nn.Module):
     """The local baseline: same signature, no global term."""
@@ -57,6 +61,9 @@ class NoGlobalUpdate(nn.Module):
         return torch.zeros_like(x)
 
     def use_grid(self, points: Tensor, weights: Tensor) -> None:
+        pass
+
+    def use_mesh(self, sizes: List[int]) -> None:
         pass
 
 
@@ -86,6 +93,8 @@ class InteractionLayer(nn.Module):
 
 
 class EnergyModel(nn.Module):
+    mesh: List[int]
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.features = config.features
@@ -110,6 +119,40 @@ class EnergyModel(nn.Module):
         self.register_buffer("kernel_lengths", torch.tensor(lengths, dtype=torch.float64), persistent=False)
         self.register_buffer("kernel_norms", torch.tensor(normalisers(lengths, config.k_max), dtype=torch.float64),
                              persistent=False)
+        self.periodic = bool(config.periodic_efa and blocks)
+        self.mesh_min_kvectors = 4000  # kspace auto: where the mesh becomes the cheaper path (set_kspace)
+        self.mesh = []  # the k-space mesh in use ([]: the direct sum over k), set_kspace
+
+    # ---- the periodic form's k-space path: direct sum over k or mesh (mesh.py), set_kspace ----
+
+    @torch.jit.export
+    def set_kspace(self, mode: str, cell: Tensor) -> List[int]:
+        """Install the k-space path of the periodic form for cells (B, 3, 3) and return the mesh
+        sizes ([]: the direct sum). mode 'direct'; 'mesh': keep the installed mesh while it
+        carries every k-vector of `cell` (so energies stay continuous as the cell breathes), else
+        choose one for `cell` (oversampling 2, order 6: about 1e-3 relative error of the sums);
+        'auto': the mesh from mesh_min_kvectors k-vectors on, where it is the cheaper path
+        (benchmarks/periodic_mesh.py), else the direct sum. A caller resolves 'auto' once and then
+        passes 'mesh' or 'direct'. Every MPI rank holds the same cell, so all choose alike."""
+        if mode not in ["direct", "mesh", "auto"]:
+            raise RuntimeError("kspace must be direct, mesh or auto, not '" + mode + "'")
+        sizes: List[int] = []
+        if self.periodic and mode != "direct":
+            n = lattice_indices(cell, self.k_max)
+            if mode == "mesh" or n.shape[0] >= self.mesh_min_kvectors:
+                if mesh_holds(self.mesh, n):
+                    sizes = self.mesh
+                else:
+                    largest = n.abs().max(dim=0).values if n.shape[0] > 0 else torch.zeros(3, dtype=n.dtype)
+                    sizes = mesh_size([int(largest[0]), int(largest[1]), int(largest[2])])
+        self.mesh = sizes
+        for layer in self.layers:
+            layer.global_update.use_mesh(sizes)
+        return sizes
+
+    @torch.jit.export
+    def kspace_mesh(self) -> List[int]:
+        return self.mesh
 
     # ---- the Lebedev grid (grid.py): chosen at run time, the same in Python and in LAMMPS ----
 
