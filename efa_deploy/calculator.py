@@ -139,7 +139,8 @@ class EFACalculator(Calculator):
 
     def _select_kspace(self, atoms) -> None:
         """Periodic EFA: the direct sum or the mesh for this cell (kspace "auto" is decided once)."""
-        if not self.takes_cell or (self.kspace == "direct" and not self.module.kspace_mesh()):
+        if not self.takes_cell or not hasattr(self.module, "set_kspace") or (
+                self.kspace == "direct" and not self.module.kspace_mesh()):
             return
         before = self.module.kspace_mesh()
         cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=torch.float64, device=self.device)

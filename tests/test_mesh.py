@@ -236,3 +236,18 @@ def test_chunks_over_channels_and_atoms(monkeypatch):
     chunked = run()
     for a, b in zip(chunked, whole):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_first_order_stage_two_equals_the_second_order_one_in_value_and_gradient():
+    """second_order=False (inference) keeps the value and all first derivatives."""
+    p, k, q, v, owned, batch, n = system([20, 15], True, seed=6, k_max=1.3)
+    mesh = mesh_for(n)
+    kv = mesh_key_value_sums(p, k, v, owned, batch, 2, n, mesh)
+    results = []
+    for second in (True, False):
+        pp, qq, kk = p.clone().requires_grad_(True), q.clone().requires_grad_(True), kv.clone().requires_grad_(True)
+        y = mesh_query_contraction(pp, qq, kk, batch, n, mesh, second_order=second)
+        g = torch.autograd.grad(torch.sum(y * torch.linspace(-1, 1, y.numel(), dtype=DT).reshape(y.shape)), [pp, qq, kk])
+        results.append([y.detach(), *g])
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-13 and b.abs().max() > 0

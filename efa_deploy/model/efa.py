@@ -182,7 +182,7 @@ class EuclideanFastAttention(nn.Module):
             if len(self.mesh) == 3:
                 kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh)
                 kv = torch.ops.efa.global_sum(kv) * weights.unsqueeze(3)
-                y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh)
+                y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh, second_order=not self.fused)
                 return self._invariants(self.scale * y, vec)
             omega = torch.ones_like(self.omega)
             weights = weights.unsqueeze(3)

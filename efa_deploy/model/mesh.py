@@ -220,8 +220,10 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
 
 
 def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor, directions: Tensor,
-                           mesh: List[int], order: int = DEFAULT_ORDER) -> Tensor:
-    """Stage 2 on the mesh: y (N, D) ~= erope.query_contraction(p, queries, kv, batch, ones(M), directions)."""
+                           mesh: List[int], order: int = DEFAULT_ORDER, second_order: bool = True) -> Tensor:
+    """Stage 2 on the mesh: y (N, D) ~= erope.query_contraction(p, queries, kv, batch, ones(M), directions).
+    second_order=False (inference: energy, forces, stress) carries position derivatives to first
+    order only, which is cheaper."""
     n_structures, m, g, d = kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[3] // 2
     atoms = p.shape[0]
     if n_structures == 0 or atoms == 0:
@@ -231,7 +233,7 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     cells = k1 * k2 * k3
     u = _mesh_coordinates(p, mesh)
     f, rows = _stencil(u.detach(), batch, n_structures, mesh, order)
-    derivatives = 2 if u.requires_grad else 0
+    derivatives = (2 if second_order else 1) if u.requires_grad else 0
     if derivatives > 0 and order < 3:
         raise RuntimeError("position derivatives of the mesh path need order >= 3")
     t = _taylor_weights(f, order, derivatives)  # (N, 3, E, P), no grad
@@ -243,7 +245,7 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     w1 = t[:, 0].reshape(atoms, e, order)
     w2 = t[:, 1].reshape(atoms, 1, e, order)
     w3 = t[:, 2].reshape(atoms, 1, e, order)
-    if derivatives > 0:
+    if derivatives == 2:
         delta = u - u.detach()
         d1, d2, d3 = delta[:, 0], delta[:, 1], delta[:, 2]
         one = torch.ones_like(d1)
@@ -251,6 +253,10 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         coef = coef.unsqueeze(1)  # (N, 1, 10)
         # (e1, e2, e3) derivative orders of the terms below -> flat index e1 * 9 + e2 * 3 + e3
         select = torch.tensor([0, 9, 3, 1, 18, 6, 2, 12, 10, 4], device=p.device)
+    elif derivatives == 1:
+        delta = u - u.detach()
+        coef = torch.cat([torch.ones_like(delta[:, :1]), delta], dim=1).unsqueeze(1)  # (N, 1, 4)
+        select = torch.tensor([0, 4, 2, 1], device=p.device)  # e1 * 4 + e2 * 2 + e3
     else:
         coef = torch.ones_like(u[:, :1]).unsqueeze(1)
         select = torch.zeros(1, dtype=torch.long, device=p.device)

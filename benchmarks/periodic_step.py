@@ -1,0 +1,144 @@
+"""Issue 16's speed benchmark: one energy + forces + stress call of a periodic model, one thread,
+float32, the local backbone against the same backbone with the periodic EFA term on the direct
+sum over k-vectors and on the k-space mesh (kspace direct / mesh), for water boxes of about 1e3,
+1e4 and 1e5 atoms (the first frame of examples/periodic/data/water_ions_gfn1.extxyz, 24 H2O in 8.95 A,
+replicated). The model is the ionic benchmark's size (examples/periodic/ionic.yaml: 32 features,
+2 layers, 4.5 A cutoff, k_max 1.5 1/A, 8 frequency channels, 16 values), randomised weights
+(speed does not depend on them), fused inference operators.
+
+Each (variant, size) runs in a fresh process: the graph is built, one warm-up call, then the
+minimum CPU time (time.process_time) of the repeats, and the peak resident growth per atom
+(VmHWM after the calls minus VmRSS before them, graph included). A call that would take longer
+than --skip-over seconds (estimated from the smaller sizes) is skipped and said so.
+
+    taskset -c 1 python benchmarks/periodic_step.py      # writes benchmarks/results/periodic_step.{md,json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+SIZES = {"1e3": (3, 2, 2), "1e4": (5, 5, 6), "1e5": (11, 11, 11)}
+VARIANTS = ("local", "efa-direct", "efa-mesh")
+
+
+def status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def measure(variant: str, size: str, repeats: int) -> dict:
+    """One process: time and memory of one variant at one size."""
+    import torch
+    from ase.io import read
+
+    from efa_deploy.graph import batch_graph
+    from efa_deploy.model import ModelConfig, build_model, energy_forces_stress, use_fused
+
+    torch.set_num_threads(1)
+    frame = read(REPO / "examples" / "periodic" / "data" / "water_ions_gfn1.extxyz", index=0)
+    atoms = frame * SIZES[size]
+    config = ModelConfig(atomic_numbers=[1, 8, 11, 17], features=32, num_layers=2, cutoff=4.5, num_radial=16,
+                         use_efa=variant != "local", periodic_efa=variant != "local", k_max=1.5,
+                         num_frequencies=8, value_dim=16)
+    torch.manual_seed(0)
+    model = use_fused(build_model(config, torch.float32).eval(), True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rss_before = status_kb("VmRSS:")
+    graph = batch_graph([atoms], config.atomic_numbers, config.cutoff, torch.float32, cell=variant != "local")
+    cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=torch.float32)
+    mesh = []
+    if variant != "local":
+        mesh = model.set_kspace("mesh" if variant == "efa-mesh" else "direct", cell.double())
+    kvectors = 0
+    if variant != "local":
+        from efa_deploy.model.reciprocal import lattice_indices
+        kvectors = int(lattice_indices(cell.double(), config.k_max).shape[0])
+    inputs = graph.inputs()
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.process_time()
+        energy, forces, _, stress = energy_forces_stress(model, *inputs, cell=None if variant != "local" else cell)
+        if r > 0:
+            times.append(time.process_time() - t0)
+    peak = status_kb("VmHWM:")
+    return {"variant": variant, "size": size, "atoms": len(atoms), "edges": int(graph.edge_index.shape[1]),
+            "kvectors": kvectors, "mesh": mesh, "seconds": min(times),
+            "us_per_atom": 1e6 * min(times) / len(atoms), "kb_per_atom": (peak - rss_before) / len(atoms),
+            "energy": float(energy.sum())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--skip-over", type=float, default=300.0, help="skip calls estimated to take longer (s)")
+    p.add_argument("--skip-memory", type=float, default=16.0, help="skip calls estimated to need more (GB)")
+    p.add_argument("--one", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
+    p.add_argument("--name", default="periodic_step")
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], args.one[1], args.repeats)))
+        return
+    rows, last = [], {}
+    for size in args.sizes:
+        for variant in args.variants:
+            previous = last.get(variant)
+            if previous is not None:
+                growth = SIZES[size][0] * SIZES[size][1] * SIZES[size][2] / previous["cells"]
+                # direct: N x G, quadratic in N; others about linear
+                estimate = previous["seconds"] * growth ** (2 if variant == "efa-direct" else 1)
+                memory = previous["kb_per_atom"] * previous["atoms"] * growth / 1e6
+                if estimate > args.skip_over or memory > args.skip_memory:
+                    rows.append({"variant": variant, "size": size,
+                                 "skipped": f"estimated {estimate:.0f} s and {memory:.0f} GB per call"})
+                    print(rows[-1], flush=True)
+                    continue
+            out = subprocess.run([sys.executable, __file__, "--one", variant, size, "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                rows.append({"variant": variant, "size": size, "failed": out.stderr.strip().splitlines()[-1]})
+            else:
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                cells = SIZES[size][0] * SIZES[size][1] * SIZES[size][2]
+                last[variant] = {"seconds": rows[-1]["seconds"], "cells": cells, "atoms": rows[-1]["atoms"],
+                                 "kb_per_atom": rows[-1]["kb_per_atom"]}
+            print(rows[-1], flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread, torch float32"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+    local = {r["size"]: r["seconds"] for r in rows if r.get("variant") == "local" and "seconds" in r}
+    lines = [f"# Periodic step: local vs periodic EFA (direct, mesh)\n", f"Machine: {machine}. "
+             "One energy + forces + stress call, minimum CPU time of the repeats; peak resident growth per atom "
+             "(graph included). `python benchmarks/periodic_step.py`\n",
+             "| variant | size | atoms | k-vectors | mesh | s/call | us/atom | x local | KB/atom |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "seconds" not in r:
+            lines.append(f"| {r['variant']} | {r['size']} | | | | {r.get('skipped') or r.get('failed')} | | | |")
+            continue
+        ratio = r["seconds"] / local[r["size"]] if r["size"] in local else float("nan")
+        mesh = "x".join(map(str, r["mesh"])) or "-"
+        lines.append(f"| {r['variant']} | {r['size']} | {r['atoms']} | {r['kvectors']} | {mesh} | {r['seconds']:.3f} "
+                     f"| {r['us_per_atom']:.1f} | {ratio:.2f} | {r['kb_per_atom']:.1f} |")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
