@@ -58,11 +58,12 @@ def test_periodic_data_keeps_its_cells_in_every_format(tmp_path):
     structures = periodic_lj(3)
     write_periodic_npz(tmp_path / "p.npz", structures)
     ase.io.write(tmp_path / "p.extxyz", structures)
+    ase.io.write(tmp_path / "p.extxyz.gz", structures, format="extxyz")
     with ase.db.connect(tmp_path / "p.db") as db:
         for a in structures:
             db.write(a)
     edges = [len(GraphDataset([a], [6, 8], 3.0)[0].graph.edge_index[0]) for a in structures]
-    for name in ("p.npz", "p.extxyz", "p.db"):
+    for name in ("p.npz", "p.extxyz", "p.extxyz.gz", "p.db"):
         for source in (load_structures(tmp_path / name), open_structures(tmp_path / name)):
             for a, ref, n_edges in zip(source, structures, edges):
                 assert a.pbc.all() and np.allclose(a.cell.array, ref.cell.array)

@@ -165,7 +165,18 @@ def _read_ase(path: Path, index: str) -> list[Atoms]:
     import ase.io
 
     try:
-        structures = ase.io.read(path, index=index)
+        if path.suffix in (".gz", ".bz2", ".xz"):
+            # ase.io seeks back to every frame it indexed; in a compressed stream each seek
+            # decompresses from the start (quadratic: minutes for 2,000 frames), so read it once
+            import io
+
+            from ase.io.formats import filetype, open_with_compression
+
+            with open_with_compression(str(path), "rb") as f:
+                text = io.StringIO(f.read().decode())
+            structures = ase.io.read(text, index=index, format=filetype(str(path), read=True))
+        else:
+            structures = ase.io.read(path, index=index)
         structures = list(structures) if isinstance(structures, list) else [structures]
         if path.suffix == ".db":  # ase.io leaves out the rows' key-value pairs (group ids, ...)
             import ase.db
