@@ -86,7 +86,7 @@ def test_lmp_evaluation_failure_on_one_rank_ends_the_job(files, tmp_path):
 
 def test_lmp_unsafe_keyword_is_gone(files, tmp_path):
     proc = lmp_deck(files, tmp_path, 1, pair="efa unsafe_skip_backward_sum yes")
-    assert proc.returncode != 0 and "unknown keyword 'unsafe_skip_backward_sum' (known: device, grid, extent, charge, spin)" in proc.stdout
+    assert proc.returncode != 0 and "unknown keyword 'unsafe_skip_backward_sum' (known: device, grid, extent, kspace, charge, spin)" in proc.stdout
 
 
 @pytest.mark.mpi
