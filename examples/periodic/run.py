@@ -63,7 +63,11 @@ bench.BENCHMARKS = {
         variants={"local": ["--no-efa", "--set", "model.periodic_efa=false"],
                   "local-6A": ["--no-efa", "--set", "model.periodic_efa=false", "--set", "model.cutoff=6.0"],
                   "efa": ["--efa"],
-                  "efa-k1.0": ["--efa", "--set", "model.k_max=1.0"]},
+                  "efa-k1.0": ["--efa", "--set", "model.k_max=1.0"],
+                  # single-seed probes: an energy-weighted loss (the far field is mostly energy)
+                  "local-ew": ["--no-efa", "--set", "model.periodic_efa=false", "--set", "training.energy_weight=0.5",
+                               "--set", "training.forces_weight=0.5"],
+                  "efa-ew": ["--efa", "--set", "training.energy_weight=0.5", "--set", "training.forces_weight=0.5"]},
         description="Periodic point-charge electrolyte (16, 24, 40 ions; exact Ewald, epsilon_r = 8, + Born-Mayer), "
                     "test split 400 of the 2000 independent draws, cutoff 4.5 A x 2 layers (local-6A: the local "
                     "model with a 6 A cutoff, a control for range), 8 minutes of training per model. Long-range energy missed: the slope of the test energy residual on the Coulomb "
