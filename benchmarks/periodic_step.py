@@ -61,12 +61,11 @@ def measure(variant: str, size: str, repeats: int) -> dict:
     rss_before = status_kb("VmRSS:")
     graph = batch_graph([atoms], config.atomic_numbers, config.cutoff, torch.float32, cell=variant != "local")
     cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=torch.float32)
-    mesh = []
-    if variant != "local":
-        mesh = model.set_kspace("mesh" if variant == "efa-mesh" else "direct", cell.double())
-    kvectors = 0
+    mesh, kvectors = [], 0
     if variant != "local":
         from efa_deploy.model.reciprocal import lattice_indices
+
+        mesh = model.set_kspace("mesh" if variant == "efa-mesh" else "direct", cell.double())
         kvectors = int(lattice_indices(cell.double(), config.k_max).shape[0])
     inputs = graph.inputs()
     times = []

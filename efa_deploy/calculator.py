@@ -91,12 +91,12 @@ class EFACalculator(Calculator):
         self.dtype = getattr(torch, self.metadata["dtype"])
         self.efa = bool(self.metadata["efa"].get("enabled"))
         self.takes_cell = takes_cell(self.metadata)  # periodic EFA: no Lebedev grid to choose
-        if self.takes_cell and not hasattr(self.module, "set_kspace"):  # a file from before the mesh
-            if kspace == "mesh":
-                raise ValueError(f"{model} predates the k-space mesh: re-export it (efa-export --from-model) "
-                                 "or use kspace='direct'")
-            kspace = "direct"
-        self.kspace = kspace
+        with_kspace = hasattr(self.module, "set_kspace")
+        if self.takes_cell and not with_kspace and kspace == "mesh":  # a file from before the mesh
+            raise ValueError(f"{model} predates the k-space mesh: re-export it (efa-export --from-model) "
+                             "or use kspace='direct'")
+        # None: nothing to choose (no periodic EFA, or a file that has only the direct sum)
+        self.kspace = kspace if self.takes_cell and with_kspace else None
         self.global_inputs = list(self.metadata.get("global_inputs", []))
         self.charge, self.spin = charge, spin
         if charge is not None or spin is not None:
@@ -139,8 +139,7 @@ class EFACalculator(Calculator):
 
     def _select_kspace(self, atoms) -> None:
         """Periodic EFA: the direct sum or the mesh for this cell (kspace "auto" is decided once)."""
-        if not self.takes_cell or not hasattr(self.module, "set_kspace") or (
-                self.kspace == "direct" and not self.module.kspace_mesh()):
+        if self.kspace in (None, "direct"):  # the model starts on the direct sum
             return
         before = self.module.kspace_mesh()
         cell = torch.tensor(atoms.cell.array.reshape(1, 3, 3), dtype=torch.float64, device=self.device)

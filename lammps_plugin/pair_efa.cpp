@@ -627,7 +627,7 @@ void PairEFA::check_periodic_cell()
 // under NPT (the model's set_kspace). 'auto' is resolved at the first step and then kept.
 void PairEFA::select_kspace(const torch::Tensor &cell)
 {
-  if (kspace_ == "direct" && kspace_mesh_.empty()) return;
+  if (kspace_ == "direct") return;  // the model starts on the direct sum; 'auto' resolved to it stays there
   const auto sizes = model_->run_method("set_kspace", kspace_, cell).toIntVector();
   if (kspace_ == "auto") kspace_ = sizes.empty() ? "direct" : "mesh";
   if (sizes != kspace_mesh_ && comm->me == 0) {

@@ -173,26 +173,29 @@ class EuclideanFastAttention(nn.Module):
         # stage 1 (per-structure sums of this process's owned atoms), the global sum over MPI
         # ranks, stage 2 (queries contract the sums): erope.py. The fused operators recompute the
         # rotations in each stage; the reference shares one set of them (B, M, Nmax, 2, G).
+        # The periodic form may run both stages on a k-space mesh instead (mesh.py, set by use_mesh).
         fused = self.fused and positions.device.type == "cpu"
+        on_mesh = False
         if reciprocal is None:
             omega, directions = self.omega, self.grid_points
             weights = self.grid_weights.to(v.dtype).reshape(1, 1, -1, 1)
         else:
             positions, directions, weights = reciprocal
-            if len(self.mesh) == 3:
-                kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh)
-                kv = torch.ops.efa.global_sum(kv) * weights.unsqueeze(3)
-                y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh, second_order=not self.fused)
-                return self._invariants(self.scale * y, vec)
             omega = torch.ones_like(self.omega)
             weights = weights.unsqueeze(3)
-        trig = positions.new_zeros(0) if fused else padded_phases(positions, omega, directions, slot, n_structures, n_max)
-        if fused:
+            on_mesh = len(self.mesh) == 3
+        trig = positions.new_zeros(0) if fused or on_mesh else \
+            padded_phases(positions, omega, directions, slot, n_structures, n_max)
+        if on_mesh:
+            kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh)
+        elif fused:
             kv = torch.ops.efa.attention_keys(positions, k, v, owned, batch, n_structures, omega, directions)
         else:
             kv = sum_keys_values(trig, k, v * owned.unsqueeze(1), slot, n_structures, n_max)
         kv = torch.ops.efa.global_sum(kv) * weights  # (B, M, G, 2D)
-        if fused:
+        if on_mesh:
+            y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh, second_order=not self.fused)
+        elif fused:
             y = torch.ops.efa.attention_queries(positions, q, kv, batch, omega, directions)
         else:
             y = contract_queries(trig, q, kv, slot, n_structures, n_max)

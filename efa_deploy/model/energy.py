@@ -11,8 +11,8 @@ from .config import ModelConfig
 from .efa import EuclideanFastAttention
 from .grid import LebedevRules, carried_rules
 from .local import Message, RadialBasis, Update, mlp
-from .mesh import mesh_size
-from .reciprocal import lattice_indices, length_scales, mesh_holds, normalisers, reciprocal_terms
+from .mesh import mesh_holds, mesh_size
+from .reciprocal import lattice_indices, length_scales, normalisers, reciprocal_terms
 
 
 class GlobalUpdate(nn.Module):

@@ -133,15 +133,23 @@ def _euler_factors(n: Tensor, mesh: List[int], order: int, dtype: torch.dtype) -
     return b.to(torch.complex64 if dtype == torch.float32 else torch.complex128)
 
 
+def mesh_holds(mesh: List[int], n: Tensor) -> bool:
+    """Whether a K1 x K2 x K3 mesh carries every index n (G, 3) without aliasing: |n_a| < K_a / 2."""
+    if len(mesh) != 3:
+        return False
+    if n.shape[0] == 0:
+        return True
+    largest = n.abs().max(dim=0).values
+    return bool(torch.all(2 * largest < torch.tensor(mesh, dtype=largest.dtype, device=largest.device)))
+
+
 def _integer_directions(directions: Tensor, mesh: List[int]) -> tuple[Tensor, Tensor]:
     """Integer indices (G, 3) and their flat rows n mod K in the K1 x K2 x K3 mesh (G,)."""
     if len(mesh) != 3:
         raise RuntimeError("mesh must have 3 sizes")
     n = torch.round(directions).to(torch.long)
-    if n.shape[0] > 0:
-        lim = torch.tensor(mesh, dtype=torch.long, device=n.device)
-        if bool((2 * n.abs() >= lim).any()):
-            raise RuntimeError("mesh too small: every direction index needs |n_a| < K_a / 2 (see mesh_size)")
+    if not mesh_holds(mesh, n):
+        raise RuntimeError("mesh too small: every direction index needs |n_a| < K_a / 2 (see mesh_size)")
     k1, k2, k3 = mesh[0], mesh[1], mesh[2]
     flat = (torch.remainder(n[:, 0], k1) * k2 + torch.remainder(n[:, 1], k2)) * k3 + torch.remainder(n[:, 2], k3)
     return n, flat

@@ -107,13 +107,3 @@ def reciprocal_terms(positions: Tensor, cell: Tensor, batch: Tensor, lengths: Te
     volume = torch.abs(torch.linalg.det(cell))
     weights = kernel_weights(torch.sum(k * k, dim=2), lengths.to(k.dtype), norms.to(k.dtype), k_max) / volume.reshape(-1, 1, 1)
     return phase, n, weights.transpose(1, 2)
-
-
-def mesh_holds(mesh: List[int], n: Tensor) -> bool:
-    """Whether a K1 x K2 x K3 mesh carries every index n (G, 3) without aliasing: |n_a| < K_a / 2."""
-    if len(mesh) != 3:
-        return False
-    if n.shape[0] == 0:
-        return True
-    largest = n.abs().max(dim=0).values
-    return bool(torch.all(2.0 * largest < torch.tensor(mesh, dtype=largest.dtype, device=largest.device)))

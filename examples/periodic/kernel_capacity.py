@@ -13,26 +13,26 @@ charges. (Measured: 0.985 / 0.985 / 0.991 for b16 / b24 / b40 at k_max 1.5; 0.93
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from efa_deploy.model.reciprocal import kernel_weights, lattice_indices, length_scales, normalisers
+from efa_deploy.model.reciprocal import length_scales, normalisers, reciprocal_terms
 from efa_deploy.training.data import load_structures
 
 HERE = Path(__file__).resolve().parent
 
 
 def channel_sums(atoms, k_max: float, lengths: torch.Tensor, norms: torch.Tensor) -> np.ndarray:
-    cell = torch.tensor(atoms.cell.array)
-    k = 2.0 * math.pi * lattice_indices(cell[None], k_max) @ torch.linalg.inv(cell).T
+    """S_m (M,) from the model's own periodic terms: k.r = n.p, weights g_m(|k|) / V."""
+    positions = torch.tensor(atoms.positions)
+    p, n, weights = reciprocal_terms(positions, torch.tensor(atoms.cell.array)[None],
+                                     torch.zeros(len(atoms), dtype=torch.long), lengths, norms, k_max)
     charge = torch.tensor(np.where(atoms.numbers == 11, 1.0, -1.0))
-    phase = torch.tensor(atoms.positions) @ k.T
+    phase = p @ n.T
     rho2 = (charge @ torch.cos(phase)) ** 2 + (charge @ torch.sin(phase)) ** 2
-    weights = kernel_weights((k * k).sum(1), lengths, norms, k_max) / abs(float(torch.linalg.det(cell)))
-    return (weights * rho2[:, None]).sum(0).numpy()
+    return (weights[0] * rho2).sum(1).numpy()
 
 
 def main() -> None:
