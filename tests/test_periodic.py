@@ -183,6 +183,30 @@ def test_direct_sum_equals_the_real_space_image_sum(model):
     assert np.abs(direct - real_space_kernel(distances[distances < 20.0], model).sum(axis=0)).max() > 1e-6  # images matter
 
 
+def test_without_the_k_zero_term_every_channel_kernel_averages_to_zero_over_the_cell(model):
+    """k_zero: false (the default) removes the cell mean g_m(0)/V of every kernel, and only that:
+    averaged over a uniform 12^3 grid of points in the cell (which cancels every k with
+    |n_a| < 12), K_m is g_m(0)/V with the k = 0 term and 0 without it, and the two kernels differ
+    by that constant at any separation."""
+    cell = torch.tensor(CELL.reshape(1, 3, 3))
+    axis = torch.arange(12, dtype=torch.float64) / 12
+    grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3) @ cell[0]
+    points = torch.cat([torch.tensor([[0.4, -1.1, 2.3]], dtype=torch.float64), grid])
+    batch = torch.zeros(len(points), dtype=torch.long)
+    kernels = {}
+    for k_zero in (True, False):
+        phase, n, weights = reciprocal_terms(points, cell, batch, model.kernel_lengths, model.kernel_norms,
+                                             model.k_max, k_zero)
+        assert n.abs().max() < 12
+        kernels[k_zero] = (weights[0] @ torch.cos(n @ (phase[1:] - phase[0]).T)).numpy()  # (M, grid)
+    mean = (kernel_weights(torch.zeros(1, dtype=torch.float64), model.kernel_lengths, model.kernel_norms,
+                           model.k_max)[0] / abs(np.linalg.det(CELL))).numpy()
+    np.testing.assert_allclose(kernels[True].mean(axis=1), mean, rtol=1e-12)
+    assert np.abs(kernels[False].mean(axis=1)).max() < 1e-14
+    np.testing.assert_allclose(kernels[True] - kernels[False], np.repeat(mean[:, None], len(grid), 1), rtol=1e-11)
+    assert kernels[False].std(axis=1).min() > 1e-6  # not a trivial kernel
+
+
 def test_energy_change_along_a_strain_path_equals_the_stress_work(model):
     """As the cell grows, k-vectors leave the sphere |k| < k_max; with zero weight, so the energy
     change equals the integral of the stress (no jump) and the k-set really changes."""

@@ -40,6 +40,10 @@ class ModelConfig:
     # and evaluates periodic structures only (finite ones: a large vacuum-padded cell)
     periodic_efa: bool = False
     k_max: float = 1.5
+    # the k = 0 term of the periodic form: each channel's cell mean sum_j k_j v_j g_m(0) / V, a
+    # mean field that outweighs the k != 0 terms 10-1000x; off (Ewald's tin-foil convention)
+    # since it stalled learning on the ionic benchmark (docs/design.md)
+    k_zero: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.efa)
-from .erope import contract_queries, pad, padded_phases, padded_slots, sum_keys_values
+from .erope import (contract_queries, pad, padded_phases, padded_slots, shared_contract_queries, shared_phases,
+                    shared_sum_keys_values, sum_keys_values)
 from .lebedev import lebedev_grid
 from .mesh import mesh_key_value_sums, mesh_query_contraction
 
@@ -184,12 +185,20 @@ class EuclideanFastAttention(nn.Module):
             omega = torch.ones_like(self.omega)
             weights = weights.unsqueeze(3)
             on_mesh = len(self.mesh) == 3
-        trig = positions.new_zeros(0) if fused or on_mesh else \
-            padded_phases(positions, omega, directions, slot, n_structures, n_max)
+        # the periodic reference shares one set of phases (B, Nmax, 2, G) among the channels
+        shared = reciprocal is not None and not fused and not on_mesh
+        if fused or on_mesh:
+            trig = positions.new_zeros(0)
+        elif shared:
+            trig = shared_phases(positions, directions, slot, n_structures, n_max)
+        else:
+            trig = padded_phases(positions, omega, directions, slot, n_structures, n_max)
         if on_mesh:
             kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh)
         elif fused:
             kv = torch.ops.efa.attention_keys(positions, k, v, owned, batch, n_structures, omega, directions)
+        elif shared:
+            kv = shared_sum_keys_values(trig, k, v * owned.unsqueeze(1), slot, n_structures, n_max)
         else:
             kv = sum_keys_values(trig, k, v * owned.unsqueeze(1), slot, n_structures, n_max)
         kv = torch.ops.efa.global_sum(kv) * weights  # (B, M, G, 2D)
@@ -197,6 +206,8 @@ class EuclideanFastAttention(nn.Module):
             y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh, second_order=not self.fused)
         elif fused:
             y = torch.ops.efa.attention_queries(positions, q, kv, batch, omega, directions)
+        elif shared:
+            y = shared_contract_queries(trig, q, kv, slot, n_structures, n_max)
         else:
             y = contract_queries(trig, q, kv, slot, n_structures, n_max)
         return self._invariants(self.scale * y, vec)

@@ -120,6 +120,7 @@ class EnergyModel(nn.Module):
         self.register_buffer("kernel_norms", torch.tensor(normalisers(lengths, config.k_max), dtype=torch.float64),
                              persistent=False)
         self.periodic = bool(config.periodic_efa and blocks)
+        self.k_zero = bool(config.k_zero)
         self.mesh_min_kvectors = 9000  # kspace auto: where the mesh becomes the cheaper path (set_kspace)
         self.mesh = []  # the k-space mesh in use ([]: the direct sum over k), set_kspace
 
@@ -219,7 +220,7 @@ class EnergyModel(nn.Module):
         reciprocal: Optional[Tuple[Tensor, Tensor, Tensor]] = None
         if cell is not None:
             reciprocal = reciprocal_terms(positions, cell.to(positions.dtype), batch, self.kernel_lengths,
-                                          self.kernel_norms, self.k_max)
+                                          self.kernel_norms, self.k_max, self.k_zero)
         sender, receiver = edge_index[0], edge_index[1]
         d, rbf, envelope, unit = self.edge_geometry(positions, sender, receiver, edge_shift)
         n = positions.shape[0]

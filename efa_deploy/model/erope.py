@@ -87,6 +87,39 @@ def contract_queries(trig: Tensor, q: Tensor, kv: Tensor, slot: Tensor, n_struct
     return torch.sum(q[:, :, 0:1] * z[:, :, :d] - q[:, :, 1:2] * z[:, :, d:], dim=1)
 
 
+# The periodic form (omega = 1 in every channel): one set of phases, shared by all M channels,
+# and one matrix product per structure over all channels at once.
+
+def shared_phases(p: Tensor, directions: Tensor, slot: Tensor, n_structures: int, n_max: int) -> Tensor:
+    """(cos, sin) of n_g . p_i, padded per structure: (B, Nmax, 2, G)."""
+    angle = p @ directions.T.to(p.dtype)
+    return pad(torch.stack([torch.cos(angle), torch.sin(angle)], dim=1), slot, n_structures, n_max)
+
+
+def shared_sum_keys_values(trig: Tensor, k: Tensor, v: Tensor, slot: Tensor, n_structures: int, n_max: int) -> Tensor:
+    """sum_keys_values from shared phases (B, Nmax, 2, G): KV (B, M, G, 2D); v is already masked."""
+    n, m, d = k.shape[0], k.shape[1], v.shape[1]
+    b, g = n_structures, trig.shape[-1]
+    k0, k1 = k[:, :, 0], k[:, :, 1]
+    kmat = torch.stack([torch.stack([k0, -k1], dim=2), torch.stack([-k1, -k0], dim=2)], dim=2)  # (N, M, 2, 2)
+    kv_rows = (kmat.unsqueeze(-1) * v.reshape(n, 1, 1, 1, d)).reshape(n, m, 2, 2 * d).transpose(1, 2)  # (N, 2, M, 2D)
+    kv_rows = pad(kv_rows.reshape(n, 2, m * 2 * d), slot, b, n_max).reshape(b, 2 * n_max, m * 2 * d)
+    kv = trig.reshape(b, 2 * n_max, g).transpose(1, 2) @ kv_rows  # (B, G, M 2D)
+    return kv.reshape(b, g, m, 2 * d).transpose(1, 2)
+
+
+def shared_contract_queries(trig: Tensor, q: Tensor, kv: Tensor, slot: Tensor, n_structures: int, n_max: int) -> Tensor:
+    """contract_queries from shared phases (B, Nmax, 2, G): y (N, D)."""
+    b, m, g, d = kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[3] // 2
+    kv_re, kv_im = kv[..., :d], kv[..., d:]
+    kv = torch.cat([kv, torch.cat([-kv_im, kv_re], dim=3)], dim=2)  # (B, M, 2G, 2D)
+    z = trig.reshape(b, n_max, 2 * g) @ kv.transpose(1, 2).reshape(b, 2 * g, m * 2 * d)  # (B, Nmax, M 2D)
+    z = z.reshape(b * n_max, m, 2 * d)
+    if b > 1:
+        z = z[slot]
+    return torch.sum(q[:, :, 0:1] * z[:, :, :d] - q[:, :, 1:2] * z[:, :, d:], dim=1)
+
+
 # The operators' pure-torch form (same schemas as ops/fused_efa.cpp).
 
 def key_value_sums(positions: Tensor, keys: Tensor, values: Tensor, owned: Tensor, batch: Tensor, n_structures: int,

@@ -97,13 +97,16 @@ def lattice_indices(cell: Tensor, k_max: float) -> Tensor:
 
 
 def reciprocal_terms(positions: Tensor, cell: Tensor, batch: Tensor, lengths: Tensor, norms: Tensor,
-                     k_max: float) -> Tuple[Tensor, Tensor, Tensor]:
+                     k_max: float, k_zero: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
     """The periodic EFA inputs: phase positions p = 2 pi r inv(cell_b) (N, 3), indices n (G, 3)
-    and weights g_m(|k_bg|) / V_b (B, M, G), all differentiable in positions and cell."""
+    and weights g_m(|k_bg|) / V_b (B, M, G), all differentiable in positions and cell; without
+    k_zero the weight of n = 0 is zero (the index stays, so the set remains symmetric)."""
     n = lattice_indices(cell, k_max).to(positions.dtype)
     inverse = torch.linalg.inv(cell)  # (B, 3, 3)
     phase = 2.0 * math.pi * torch.bmm(positions.unsqueeze(1), inverse[batch]).squeeze(1)
     k = 2.0 * math.pi * (n.unsqueeze(0) @ inverse.transpose(1, 2))  # (B, G, 3)
     volume = torch.abs(torch.linalg.det(cell))
     weights = kernel_weights(torch.sum(k * k, dim=2), lengths.to(k.dtype), norms.to(k.dtype), k_max) / volume.reshape(-1, 1, 1)
+    if not k_zero:
+        weights = weights * (torch.sum(n * n, dim=1) > 0).to(weights.dtype).reshape(1, -1, 1)
     return phase, n, weights.transpose(1, 2)
