@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LIBS := efa_deploy/lib/libefa_ops.so efa_deploy/lib/efaplugin.so
+LIBS := efa_deploy/lib/libefa_ops.so efa_deploy/lib/libefa_pair.so efa_deploy/lib/efaplugin.so
 # one thread per rank: ranks x threads above the core count is ten times slower
 export OMP_NUM_THREADS ?= 1
 

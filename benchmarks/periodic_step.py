@@ -29,7 +29,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-SIZES = {"1e3": (3, 2, 2), "1e4": (5, 5, 6), "1e5": (11, 11, 11)}
+SIZES = {"1e3": (3, 2, 2), "3e3": (4, 3, 3), "1e4": (5, 5, 6), "1e5": (11, 11, 11)}
 VARIANTS = ("local", "efa-direct", "efa-mesh")
 
 

@@ -9,7 +9,7 @@ torch thread per process; throughput = steps x 16 / the run's elapsed_s (rank 0'
 average before each round is recorded: on a shared machine the 2-process number needs two idle
 cores.
 
-Usage:  python benchmarks/train_parallel.py [--rounds 2] [--epochs 2]     (about 2-4 minutes)
+Usage:  python benchmarks/train_parallel.py [--rounds 2] [--epochs 2] [--batch 16]   (about 2-4 minutes)
 Writes benchmarks/results/train_parallel.md and .json.
 """
 
@@ -57,7 +57,7 @@ def make_data(path: Path, count: int) -> None:
     np.savez(path, **{k: np.array(v) for k, v in arrays.items()})
 
 
-def run(config: Path, output: Path, processes: int) -> dict:
+def run(config: Path, output: Path, processes: int, batch: int = BATCH) -> dict:
     command = ([str(BIN / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "--no-python"]
                if processes > 1 else [])
     command += [str(BIN / "efa-train"), str(config), "-o", str(output), "--device", "cpu"]
@@ -67,37 +67,40 @@ def run(config: Path, output: Path, processes: int) -> dict:
         raise RuntimeError(result.stderr[-3000:])
     summary = json.loads(result.stdout[result.stdout.index("{"):])
     return {"steps": summary["step"], "elapsed_s": summary["elapsed_s"],
-            "structures_per_s": summary["step"] * BATCH / summary["elapsed_s"]}
+            "structures_per_s": summary["step"] * batch / summary["elapsed_s"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=RESULTS / "train_parallel.json")
+    parser.add_argument("--batch", type=int, default=BATCH, help="global batch size (split over the processes)")
+    parser.add_argument("--output", type=Path, default=None, help="default: results/train_parallel[_batchN].json")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = RESULTS / ("train_parallel.json" if args.batch == BATCH else f"train_parallel_batch{args.batch}.json")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_data(tmp / "lj.npz", 512 + 16)
         config = {"data": {"path": str(tmp / "lj.npz"), "n_train": 512, "n_val": 16, "n_test": 0},
                   "model": MODEL,
-                  "training": {"batch_size": BATCH, "epochs": args.epochs, "progress": False, "plot_every": 1e9,
+                  "training": {"batch_size": args.batch, "epochs": args.epochs, "progress": False, "plot_every": 1e9,
                                "checkpoint_every": 10**6, "val_batch_size": 16, "threads": 1}}
         (tmp / "c.yaml").write_text(yaml.safe_dump(config))
         rounds = []
         for r in range(args.rounds):
             for processes in (1, 2):
                 load = os.getloadavg()[0]
-                result = run(tmp / "c.yaml", tmp / f"run{r}_{processes}", processes)
+                result = run(tmp / "c.yaml", tmp / f"run{r}_{processes}", processes, args.batch)
                 rounds.append({"round": r, "processes": processes, "load_before": round(load, 2), **result})
                 print(json.dumps(rounds[-1]), flush=True)
     best = {p: max(x["structures_per_s"] for x in rounds if x["processes"] == p) for p in (1, 2)}
-    report = {"model": MODEL, "batch": BATCH, "structures": 512, "epochs": args.epochs, "rounds": rounds,
+    report = {"model": MODEL, "batch": args.batch, "structures": 512, "epochs": args.epochs, "rounds": rounds,
               "best_structures_per_s": best, "speedup": best[2] / best[1], "cpus": os.cpu_count(),
               "machine": platform.processor() or platform.machine()}
     args.output.write_text(json.dumps(report, indent=1))
     lines = ["# Data-parallel training throughput (benchmarks/train_parallel.py)", "",
-             f"EFA model {MODEL['features']} features x {MODEL['num_layers']} layers, float64, global batch {BATCH}, "
+             f"EFA model {MODEL['features']} features x {MODEL['num_layers']} layers, float64, global batch {args.batch}, "
              f"512 LJ clusters of 8-14 atoms, {args.epochs} epochs per run, 1 torch thread per process, "
              f"{os.cpu_count()} cores; whole efa-train runs (validation and checkpoints included).", "",
              "| processes | best structures/s | runs (structures/s, load average before) |", "|---|---|---|"]

@@ -12,7 +12,8 @@ efa::message (reference: local.message_passing) and efa::radial_basis (ops/fused
 local.radial_basis) are what files exported before efa::edge_message call; they stay registered
 so that those files load. Likewise
 efa::attention_keys / attention_queries, the fused EFA stages (ops/fused_efa.cpp), are
-efa_deploy.model.erope.key_value_sums / query_contraction in pure torch.
+efa_deploy.model.erope.key_value_sums / query_contraction in pure torch, and efa::mesh_spread /
+mesh_gather (ops/fused_mesh.cpp) efa_deploy.model.mesh.spread_reference / gather_reference.
 """
 
 import os
@@ -35,6 +36,10 @@ ATTENTION_SCHEMAS = {
     "attention_queries": "attention_queries(Tensor positions, Tensor queries, Tensor kv, Tensor batch, Tensor omega, "
                          "Tensor directions) -> Tensor",
 }
+MESH_SCHEMAS = {
+    "mesh_spread": "mesh_spread(Tensor u, Tensor values, Tensor offset, int[] mesh, int rows, int order) -> Tensor",
+    "mesh_gather": "mesh_gather(Tensor u, Tensor grid, Tensor offset, int[] mesh, int order) -> Tensor",
+}
 
 _loaded = False
 _library = None  # keeps the pure-torch registrations alive
@@ -53,13 +58,16 @@ def _register_pure_torch() -> None:
     # imported here: the model package imports this module
     from .model.erope import key_value_sums, query_contraction
     from .model.local import edge_message_passing, message_passing, radial_basis
+    from .model.mesh import gather_reference, spread_reference
 
     # autograd and meta by decomposition
     for name, schema, reference in (("message", MESSAGE_SCHEMA, message_passing),
                                     ("edge_message", EDGE_MESSAGE_SCHEMA, edge_message_passing),
                                     ("radial_basis", RADIAL_SCHEMA, radial_basis),
                                     ("attention_keys", ATTENTION_SCHEMAS["attention_keys"], key_value_sums),
-                                    ("attention_queries", ATTENTION_SCHEMAS["attention_queries"], query_contraction)):
+                                    ("attention_queries", ATTENTION_SCHEMAS["attention_queries"], query_contraction),
+                                    ("mesh_spread", MESH_SCHEMAS["mesh_spread"], spread_reference),
+                                    ("mesh_gather", MESH_SCHEMAS["mesh_gather"], gather_reference)):
         _library.define(schema)
         _library.impl(name, reference, "CompositeImplicitAutograd")
 

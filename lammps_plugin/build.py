@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-LIBRARIES = ("libefa_ops.so", "efaplugin.so")
+LIBRARIES = ("libefa_ops.so", "libefa_pair.so", "efaplugin.so")
 
 
 def _lammps_include_dir() -> Path | None:

@@ -755,3 +755,6 @@ void PairEFA::unpack_reverse_comm(int n, int *list, double *buf)
     for (int k = 0; k < sync_width_; k++) row[k] += buf[i * sync_width_ + k];
   }
 }
+
+// The creator that efa_plugin.cpp (the loader LAMMPS registers) looks up in this library.
+extern "C" void *efa_create_pair(void *lmp) { return new PairEFA(static_cast<LAMMPS *>(lmp)); }

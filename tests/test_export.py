@@ -49,8 +49,8 @@ def test_export_round_trip(run, capsys):
     ema, config = model_from_checkpoint(ckpt, "ema")
     raw, _ = model_from_checkpoint(ckpt, "model")
     structures = held_out_structures(ckpt, count=8)
-    assert max(compare(scripted, ema, structures, [6, 8], 3.0, torch.float64).values()) <= 1e-10
-    assert compare(scripted, raw, structures, [6, 8], 3.0, torch.float64)["energy"] > 1e-8
+    assert max(compare(scripted, ema, structures, config, torch.float64).values()) <= 1e-10
+    assert compare(scripted, raw, structures, config, torch.float64)["energy"] > 1e-8
 
 
 def test_export_refuses_to_overwrite(run, capsys):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from efa_deploy.model import erope
+from efa_deploy.paths import OPS_LIBRARY
 from efa_deploy.model import mesh as mesh_module
 from efa_deploy.model.mesh import (DEFAULT_ORDER, DEFAULT_OVERSAMPLING, mesh_key_value_sums,
                                    mesh_query_contraction, mesh_size)
@@ -251,3 +252,71 @@ def test_first_order_stage_two_equals_the_second_order_one_in_value_and_gradient
         results.append([y.detach(), *g])
     for a, b in zip(*results):
         assert rel(a, b) < 1e-13 and b.abs().max() > 0
+
+
+# ---- the fused atom-mesh steps (ops/fused_mesh.cpp) against their references
+
+fused_ops = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
+
+
+def spread_gather_inputs(seed: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    mesh, structures = [9, 8, 10], 2
+    n = 23
+    u = (torch.rand(n, 3, generator=g, dtype=DT) * 30.0 - 8.0)  # not wrapped, some negative
+    batch = (torch.arange(n) >= 14).to(torch.long)
+    offset = mesh_module.row_offsets(batch, structures, mesh)
+    rows = structures * mesh[0] * mesh[1] * mesh[2]
+    values = torch.randn(n, 5, generator=g, dtype=DT)
+    grid = torch.randn(rows, 5, generator=g, dtype=DT)
+    return u, values, grid, offset, mesh, rows
+
+
+@fused_ops
+@pytest.mark.parametrize("order", [4, 6])
+def test_fused_spread_and_gather_equal_their_references_with_first_derivatives(order):
+    u, values, grid, offset, mesh, rows = spread_gather_inputs()
+    weights_q = torch.randn(rows, values.shape[1], dtype=DT)
+    weights_z = torch.randn(u.shape[0], grid.shape[1], dtype=DT)
+    for op, reference, data, w in (
+            (lambda a, b: torch.ops.efa.mesh_spread(a, b, offset, mesh, rows, order),
+             lambda a, b: mesh_module.spread_reference(a, b, offset, mesh, rows, order), values, weights_q),
+            (lambda a, b: torch.ops.efa.mesh_gather(a, b, offset, mesh, order),
+             lambda a, b: mesh_module.gather_reference(a, b, offset, mesh, order), grid, weights_z)):
+        out = []
+        for f in (op, reference):
+            uu, dd = u.clone().requires_grad_(True), data.clone().requires_grad_(True)
+            y = f(uu, dd)
+            out.append([y.detach(), *torch.autograd.grad(torch.sum(y * w), [uu, dd])])
+        for a, b in zip(*out):
+            assert rel(a, b) < 1e-13 and b.abs().max() > 0
+    # a partition of unity: spreading ones puts exactly one unit per atom on the mesh
+    q = torch.ops.efa.mesh_spread(u, torch.ones(u.shape[0], 1, dtype=DT), offset, mesh, rows, order)
+    assert float(q.sum()) == pytest.approx(u.shape[0], rel=1e-13)
+
+
+@fused_ops
+def test_fused_mesh_stages_equal_the_reference_ones():
+    """The stages with fused=True (inference) give the reference stages' values and first
+    derivatives (stage 2 against its first-order form)."""
+    p, k, q, v, owned, batch, n = system([20, 15], True, seed=8, k_max=1.3)
+    mesh = mesh_for(n)
+    results = []
+    for fused in (False, True):
+        pp, kk, vv, qq = (t.clone().requires_grad_(True) for t in (p, k, v, q))
+        kv = mesh_key_value_sums(pp, kk, vv, owned, batch, 2, n, mesh, fused=fused)
+        y = mesh_query_contraction(pp, qq, kv, batch, n, mesh, second_order=False, fused=fused)
+        grads = torch.autograd.grad(torch.sum(torch.tanh(y)), [pp, kk, vv, qq])
+        results.append([kv.detach(), y.detach(), *grads])
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-12 and b.abs().max() > 0
+
+
+@fused_ops
+def test_fused_mesh_steps_refuse_a_second_derivative():
+    u, values, _, offset, mesh, rows = spread_gather_inputs()
+    uu = u.clone().requires_grad_(True)
+    q = torch.ops.efa.mesh_spread(uu, values, offset, mesh, rows, 6)
+    (g,) = torch.autograd.grad(torch.sum(q * q), [uu], create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g.sum(), [uu])

@@ -130,12 +130,13 @@ def test_the_ops_field_lists_the_operators_the_file_calls(tmp_path, use_efa, fus
     A local model calls no global_sum and no attention operator. The fused and the reference
     paths list the same operators: the choice is a module attribute read at run time, so the
     file carries both branches and needs efa::edge_message (and, with EFA, the fused attention
-    operators) either way."""
+    and mesh operators: the mesh path is in every EFA block's code) either way."""
 
     config = ModelConfig(atomic_numbers=[1, 8], features=8, num_layers=2, cutoff=3.0, r_max=10.0, use_efa=use_efa)
     path = tmp_path / "model.pt"
     metadata = save_model_file(randomised_model(config), config, path, fused=fused)
-    attention = {"efa::global_sum", "efa::attention_keys", "efa::attention_queries"}
+    attention = {"efa::global_sum", "efa::attention_keys", "efa::attention_queries", "efa::mesh_spread",
+                 "efa::mesh_gather"}
     expected = {"efa::forward_ghosts", "efa::edge_message"} | (attention if use_efa else set())
     assert metadata["ops"] == sorted(code_operators(path)) == sorted(expected)
     module, read_back = load_model_file(path)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from ase import Atoms
-from ase.io import read
+from ase.io import read, write
 from scipy.spatial.transform import Rotation
 
 from efa_deploy.calculator import EFACalculator
@@ -23,6 +24,7 @@ from efa_deploy.model.reciprocal import kernel_weights, lattice_indices, recipro
 from efa_deploy.modelfile import read_metadata, save_model_file
 from helpers import randomised_model, run_lammps, static_run, write_data
 
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(atomic_numbers=[1, 8], features=8, num_layers=2, cutoff=3.0, num_radial=4, periodic_efa=True,
                      k_max=1.6, r_max=8.0, num_frequencies=3, value_dim=4, value_tensors=2, value_vectors=2,
                      num_vector_frequencies=1)
@@ -246,6 +248,34 @@ def test_model_file_says_which_form_it_carries(model_file):
     metadata = read_metadata(model_file)
     assert metadata["periodic"] is True and metadata["inputs"][-1] == "cell"
     assert metadata["efa"]["k_max"] == CONFIG.k_max
+
+
+def test_a_trained_periodic_model_exports_with_check_and_evaluates_as_the_calculator(tmp_path):
+    """efa-train -> efa-export --check -> efa-eval on periodic data: every tool builds graphs with
+    the model's cell input (GraphDataset.for_model), and efa-eval's energies and forces are the
+    calculator's."""
+    from helpers import TINY_MODEL, tiny_config
+
+    from efa_deploy.cli import export as export_cli
+    from efa_deploy.cli.eval import evaluate_file
+    from efa_deploy.training.data import load_structures
+    from efa_deploy.training.train import train
+
+    frames = load_structures(REPO / "examples" / "periodic" / "data" / "ionic.extxyz.gz", ":40")
+    data = tmp_path / "ionic40.extxyz"
+    write(data, frames)
+    config = tiny_config(data, tmp_path / "run", epochs=1)
+    config["model"] = {**TINY_MODEL, "cutoff": 4.0, "periodic_efa": True, "k_max": 1.0}
+    train(config)
+    model = tmp_path / "m.pt"
+    assert export_cli.main([str(tmp_path / "run" / "best.ckpt"), "-o", str(model), "--check"]) == 0
+    report, predictions = evaluate_file(model, data)
+    assert report["structures"] == 40
+    for k in (0, 17, 39):
+        atoms = frames[k].copy()
+        atoms.calc = EFACalculator(model)
+        assert predictions.energy[k] == pytest.approx(atoms.get_potential_energy(), rel=1e-10)
+    assert not np.allclose(predictions.energy, predictions.energy_ref)  # a trained model, not the labels
 
 
 def test_calculator_equals_the_model_with_stress(model, model_file):

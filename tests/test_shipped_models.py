@@ -35,7 +35,7 @@ def shipped(request):
 
 
 def errors(module, metadata, structures) -> dict:
-    dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], getattr(torch, metadata["dtype"]))
+    dataset = GraphDataset.for_model(structures, metadata)
     return evaluate(module, dataset, 32)
 
 

@@ -54,8 +54,7 @@ def evaluate_file(model: str | Path, data: str | Path, batch_size: int = 16, spl
     device = resolve_device(device, World())
     module, metadata = load_any(model, str(device))
     structures = structures_of(data, split)
-    dataset = GraphDataset(structures, metadata["atomic_numbers"], metadata["cutoff"], getattr(torch, metadata["dtype"]),
-                           metadata.get("global_inputs", []), str(data))
+    dataset = GraphDataset.for_model(structures, metadata, source=str(data))
     predictions = predict(module, dataset, batch_size, device)
     bad = np.flatnonzero(~np.isfinite(predictions.energy))
     if len(bad):

@@ -16,13 +16,11 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint
-from ..graph import batch_graph
-from ..model import energy_and_forces
+from ..model import ModelConfig, energy_and_forces
 from ..modelfile import convert_model_file, load_model_file, save_model_file
 
 # largest |difference| accepted between the TorchScript file and the eager model
@@ -79,19 +77,16 @@ def held_out_structures(ckpt: dict, data_path: str | Path | None = None, count: 
     return (splits.test or splits.validation)[:count]
 
 
-def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list, atomic_numbers, cutoff: float,
-            dtype: torch.dtype, batch_size: int = 16, global_inputs: Sequence[str] = (), device: str = "cpu") -> dict:
-    """Largest |difference| of energies, forces and per-atom energies between two models; NaN
-    when either model gives NaN or inf. global_inputs: the models' (their charges and spins
-    come from the structures' info)."""
-    from ..training.data import global_inputs_of
+def compare(scripted: torch.nn.Module, eager: torch.nn.Module, structures: list, config: ModelConfig,
+            dtype: torch.dtype, batch_size: int = 16, device: str = "cpu") -> dict:
+    """Largest |difference| of energies, forces and per-atom energies between two models of
+    `config` on `structures` (with the inputs the models take: charges and spins from the
+    structures' info, cells); NaN when either model gives NaN or inf."""
+    from ..training.data import GraphDataset
 
     worst = {"energy": 0.0, "forces": 0.0, "energies": 0.0}
-    charge_spin = global_inputs_of(structures, global_inputs, "the check data") if global_inputs else None
-    for start in range(0, len(structures), batch_size):
-        part = slice(start, start + batch_size)
-        graph = batch_graph(structures[part], atomic_numbers, cutoff, dtype,
-                            None if charge_spin is None else charge_spin[part]).to(device)
+    for batch in GraphDataset.for_model(structures, config, dtype, "the check data").batches(batch_size):
+        graph = batch.graph.to(device)
         a = energy_and_forces(scripted, *graph.inputs())
         b = energy_and_forces(eager, *graph.inputs())
         for key, x, y in zip(("energy", "forces", "energies"), a, b):
@@ -116,8 +111,7 @@ def check_model_file(model_file: str | Path, checkpoint: str | Path, weights: st
     eager = eager.to(device)
     structures = held_out_structures(ckpt, data_path, count)
     dtype = next(eager.parameters()).dtype
-    worst = compare(scripted, eager, structures, config.atomic_numbers, config.cutoff, dtype,
-                    global_inputs=config.global_inputs, device=device)
+    worst = compare(scripted, eager, structures, config, dtype, device=device)
     tol = CHECK_TOLERANCE[metadata["dtype"]]
     finite = all(math.isfinite(v) for v in worst.values())
     return {"structures": len(structures), "max_abs_diff": {k: v if math.isfinite(v) else None for k, v in worst.items()},

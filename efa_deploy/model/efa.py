@@ -194,7 +194,7 @@ class EuclideanFastAttention(nn.Module):
         else:
             trig = padded_phases(positions, omega, directions, slot, n_structures, n_max)
         if on_mesh:
-            kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh)
+            kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh, fused=fused)
         elif fused:
             kv = torch.ops.efa.attention_keys(positions, k, v, owned, batch, n_structures, omega, directions)
         elif shared:
@@ -203,7 +203,8 @@ class EuclideanFastAttention(nn.Module):
             kv = sum_keys_values(trig, k, v * owned.unsqueeze(1), slot, n_structures, n_max)
         kv = torch.ops.efa.global_sum(kv) * weights  # (B, M, G, 2D)
         if on_mesh:
-            y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh, second_order=not self.fused)
+            y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh, second_order=not self.fused,
+                                       fused=fused)
         elif fused:
             y = torch.ops.efa.attention_queries(positions, q, kv, batch, omega, directions)
         elif shared:

@@ -161,20 +161,51 @@ def _mesh_coordinates(p: Tensor, mesh: List[int]) -> Tensor:
     return p * (k / (2.0 * math.pi))
 
 
-def _stencil(u: Tensor, batch: Tensor, n_structures: int, mesh: List[int], order: int) -> tuple[Tensor, Tensor]:
+def row_offsets(batch: Tensor, n_structures: int, mesh: List[int]) -> Tensor:
+    """The first mesh row of every atom's structure (N,): structure b owns rows b K1 K2 K3 ..."""
+    if n_structures > 1:
+        return batch * (mesh[0] * mesh[1] * mesh[2])
+    return torch.zeros_like(batch)
+
+
+def _stencil(u: Tensor, offset: Tensor, mesh: List[int], order: int) -> tuple[Tensor, Tensor]:
     """Fractional offsets f = u - floor(u) (N, 3) (differentiable) and the flat mesh rows
-    (N, P1, P2, P3) (axis 3 fastest: neighbouring rows) of the points k_a = floor(u_a) - j_a, offset by the atom's structure."""
+    (N, P1, P2, P3) (axis 3 fastest: neighbouring rows) of the points k_a = floor(u_a) - j_a, plus
+    the atom's row offset."""
     base = torch.floor(u.detach())
     f = u - base
     j = torch.arange(order, device=u.device)
     ks = torch.tensor(mesh, dtype=torch.long, device=u.device)
     k = torch.remainder(base.to(torch.long).unsqueeze(-1) - j, ks.unsqueeze(-1))  # (N, 3, P)
-    k1, k2, k3 = mesh[0], mesh[1], mesh[2]
+    k2, k3 = mesh[1], mesh[2]
     n = u.shape[0]
     rows = (k[:, 0].reshape(n, order, 1, 1) * k2 + k[:, 1].reshape(n, 1, order, 1)) * k3 + k[:, 2].reshape(n, 1, 1, order)
-    if n_structures > 1:
-        rows = rows + (batch * (k1 * k2 * k3)).reshape(n, 1, 1, 1)
-    return f, rows
+    return f, rows + offset.reshape(n, 1, 1, 1)
+
+
+def _spline_weights(f: Tensor, order: int) -> Tensor:
+    """W_j(k) = prod_a M(f_a + i_a) of the P^3 stencil points (N, P^3), differentiable in f."""
+    w = _levels(f, order)[order - 1]  # (N, 3, P)
+    n = f.shape[0]
+    weight = w[:, 0].reshape(n, order, 1, 1) * w[:, 1].reshape(n, 1, order, 1) * w[:, 2].reshape(n, 1, 1, order)
+    return weight.reshape(n, order * order * order)
+
+
+def spread_reference(u: Tensor, values: Tensor, offset: Tensor, mesh: List[int], rows: int, order: int) -> Tensor:
+    """efa::mesh_spread in torch: Q (rows, C), Q[offset_j + row(k)] += W_j(k) values_j over the P^3
+    stencil of mesh coordinates u_j (ops/fused_mesh.cpp); differentiable to any order."""
+    f, index = _stencil(u, offset, mesh, order)
+    spread = _spline_weights(f, order).unsqueeze(2) * values.unsqueeze(1)  # (N, P^3, C)
+    out = values.new_zeros(rows, values.shape[1])
+    return out.index_add(0, index.reshape(-1), spread.reshape(-1, values.shape[1]))
+
+
+def gather_reference(u: Tensor, grid: Tensor, offset: Tensor, mesh: List[int], order: int) -> Tensor:
+    """efa::mesh_gather in torch: Z_j = sum_k W_j(k) grid[offset_j + row(k)] (N, C)."""
+    f, index = _stencil(u, offset, mesh, order)
+    n, c = u.shape[0], grid.shape[1]
+    picked = grid.index_select(0, index.reshape(-1)).reshape(n, order * order * order, c)
+    return torch.sum(_spline_weights(f, order).unsqueeze(2) * picked, dim=1)
 
 
 def _chunks(channels: int, mesh_rows: int, stencil: int) -> tuple[int, int]:
@@ -187,9 +218,10 @@ def _chunks(channels: int, mesh_rows: int, stencil: int) -> tuple[int, int]:
 
 
 def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, batch: Tensor, n_structures: int,
-                        directions: Tensor, mesh: List[int], order: int = DEFAULT_ORDER) -> Tensor:
+                        directions: Tensor, mesh: List[int], order: int = DEFAULT_ORDER, fused: bool = False) -> Tensor:
     """Stage 1 on the mesh: KV (B, M, G, 2D) ~= erope.key_value_sums(p, keys, values, owned, batch,
-    n_structures, ones(M), directions)."""
+    n_structures, ones(M), directions). fused: spread with efa::mesh_spread (inference: first
+    derivatives, nothing per atom x stencil kept) instead of the reference."""
     m, d, g = keys.shape[1], values.shape[1], directions.shape[0]
     if n_structures == 0:
         return values.new_zeros(0, m, g, 2 * d)
@@ -197,12 +229,10 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     k1, k2, k3 = mesh[0], mesh[1], mesh[2]
     cells = k1 * k2 * k3
     u = _mesh_coordinates(p, mesh)
-    f, rows = _stencil(u, batch, n_structures, mesh, order)
+    offset = row_offsets(batch, n_structures, mesh)
+    f, rows = _stencil(u, offset, mesh, order)
     atoms = p.shape[0]
-    w = _levels(f, order)[order - 1]  # (N, 3, P)
-    weight = (w[:, 0].reshape(atoms, order, 1, 1) * w[:, 1].reshape(atoms, 1, order, 1)
-              * w[:, 2].reshape(atoms, 1, 1, order))
-    weight = weight.reshape(atoms, order * order * order, 1)
+    weight = _spline_weights(f, order).unsqueeze(2)  # (N, P^3, 1)
     rows = rows.reshape(atoms, order * order * order)
     # conj(k) v (owned): (N, M, D, 2) real pairs
     v = values * owned.unsqueeze(1)
@@ -215,8 +245,12 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
-        q = values.new_zeros(n_structures * cells, 2 * width)
-        for a0 in range(0, atoms, atom_step):
+        if fused:
+            q = torch.ops.efa.mesh_spread(u, c[:, 2 * start:2 * (start + width)].contiguous(), offset, mesh,
+                                          n_structures * cells, order)
+        else:
+            q = values.new_zeros(n_structures * cells, 2 * width)
+        for a0 in range(0, 0 if fused else atoms, atom_step):
             a1 = min(atoms, a0 + atom_step)
             index: List[Optional[Tensor]] = [rows[a0:a1].reshape(-1)]
             spread = weight[a0:a1] * c[a0:a1, 2 * start:2 * (start + width)].unsqueeze(1)
@@ -228,10 +262,11 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
 
 
 def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor, directions: Tensor,
-                           mesh: List[int], order: int = DEFAULT_ORDER, second_order: bool = True) -> Tensor:
+                           mesh: List[int], order: int = DEFAULT_ORDER, second_order: bool = True,
+                           fused: bool = False) -> Tensor:
     """Stage 2 on the mesh: y (N, D) ~= erope.query_contraction(p, queries, kv, batch, ones(M), directions).
     second_order=False (inference: energy, forces, stress) carries position derivatives to first
-    order only, which is cheaper."""
+    order only, which is cheaper; fused (inference) interpolates with efa::mesh_gather instead."""
     n_structures, m, g, d = kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[3] // 2
     atoms = p.shape[0]
     if n_structures == 0 or atoms == 0:
@@ -240,8 +275,9 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     k1, k2, k3 = mesh[0], mesh[1], mesh[2]
     cells = k1 * k2 * k3
     u = _mesh_coordinates(p, mesh)
-    f, rows = _stencil(u.detach(), batch, n_structures, mesh, order)
-    derivatives = (2 if second_order else 1) if u.requires_grad else 0
+    offset = row_offsets(batch, n_structures, mesh)
+    f, rows = _stencil(u.detach(), offset, mesh, order)
+    derivatives = 0 if fused else (2 if second_order else 1) if u.requires_grad else 0
     if derivatives > 0 and order < 3:
         raise RuntimeError("position derivatives of the mesh path need order >= 3")
     t = _taylor_weights(f, order, derivatives)  # (N, 3, E, P), no grad
@@ -279,6 +315,9 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         grid.index_add_(1, flat, spectrum[:, :, start:start + width])
         phi = torch.fft.ifftn(grid.reshape(n_structures, k1, k2, k3, width), dim=[1, 2, 3], norm="forward")
         phi = torch.view_as_real(phi).reshape(n_structures * cells, 2 * width)
+        if fused:
+            parts.append(torch.ops.efa.mesh_gather(u, phi, offset, mesh, order).reshape(atoms, width, 2))
+            continue
         pieces: List[Tensor] = []
         for a0 in range(0, atoms, atom_step):
             a1 = min(atoms, a0 + atom_step)

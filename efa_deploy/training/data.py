@@ -20,7 +20,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from ..checks import CONFIG_FLAG, NEUTRAL, check_global_value
 from ..graph import Graph, collate, species_index, structure_graph
+
+if TYPE_CHECKING:
+    from ..model import ModelConfig
 
 NPZ_REQUIRED = ("positions", "atomic_numbers", "energy", "forces")
 NPZ_OPTIONAL = ("node_mask", "cell", "pbc", "stress")
@@ -321,6 +324,19 @@ class GraphDataset:
             self.items = [self._item(a, k) for k, a in enumerate(self.structures)]
             self.energy = torch.cat([b.energy for b in self.items])
             self.forces = [b.forces for b in self.items]
+
+    @classmethod
+    def for_model(cls, structures: Sequence[Atoms], model: "ModelConfig | dict", dtype: torch.dtype | None = None,
+                  source: str = "the data", indices: Sequence[int] | None = None) -> "GraphDataset":
+        """The dataset whose graphs carry exactly the inputs a model takes (charge_spin, cell), from
+        its ModelConfig or its model file's metadata: the one place that maps a model to its
+        graph inputs. dtype: default the metadata's (float64 for a config)."""
+        if isinstance(model, dict):
+            dtype = dtype or getattr(torch, model["dtype"])
+            return cls(structures, model["atomic_numbers"], model["cutoff"], dtype, model.get("global_inputs", []),
+                       source, "cell" in model["inputs"], indices)
+        return cls(structures, model.atomic_numbers, model.cutoff, dtype or torch.float64, model.global_inputs, source,
+                   model.periodic_efa, indices)
 
     def _item(self, atoms: Atoms, k: int) -> Batch:
         return structure_item(atoms, *self.args, k, self.source)

@@ -158,10 +158,9 @@ class Run:
         self.model.energy_shift.copy_(torch.from_numpy(shifts))
         self.model.to(self.device)
         mc = self.model_config
-        args = (mc.atomic_numbers, mc.cutoff, self.dtype, mc.global_inputs)
-        self.train_set = GraphDataset(plan["train"][0], *args, "the training set", mc.periodic_efa, plan["train"][1])
-        self.val_set = GraphDataset(plan["validation"][0], *args, "the validation set", mc.periodic_efa,
-                                    plan["validation"][1])
+        self.train_set = GraphDataset.for_model(plan["train"][0], mc, self.dtype, "the training set", plan["train"][1])
+        self.val_set = GraphDataset.for_model(plan["validation"][0], mc, self.dtype, "the validation set",
+                                              plan["validation"][1])
         if self.world.main:
             out.mkdir(parents=True, exist_ok=True)
 

@@ -162,8 +162,7 @@ def test_prediction(path: Path) -> Prediction:
     best = load_checkpoint(path / "best.ckpt")
     model, config = model_from_checkpoint(best, "ema")
     test = load_splits(best["train_config"]["data"]).test
-    p = predict(model, GraphDataset(test, config.atomic_numbers, config.cutoff, model.energy_shift.dtype,
-                                    config.global_inputs, "the test set", config.periodic_efa))
+    p = predict(model, GraphDataset.for_model(test, config, model.energy_shift.dtype, "the test set"))
     forces = np.split(p.forces, np.cumsum(p.n_atoms)[:-1])
     metrics = error_summary(p)
     if not np.any(p.forces_ref):  # an energy-only data set (sn2): no force errors to report

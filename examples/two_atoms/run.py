@@ -70,7 +70,7 @@ def evaluate_test(name: str, kind: str) -> dict:
     model, config = model_from_checkpoint(best, "ema")
     data = best["train_config"]["data"]
     test = load_splits(data).test
-    test_set = GraphDataset(test, config.atomic_numbers, config.cutoff, model.energy_shift.dtype)
+    test_set = GraphDataset.for_model(test, config, model.energy_shift.dtype, "the test set")
     metrics = evaluate(model, test_set)
     steps_per_epoch = -(-data["n_train"] // best["train_config"]["training"]["batch_size"])
     return {

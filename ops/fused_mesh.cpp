@@ -1,0 +1,324 @@
+// efa::mesh_spread and efa::mesh_gather: cardinal B-spline spreading onto, and interpolation from,
+// a periodic K1 x K2 x K3 mesh (smooth particle-mesh Ewald, Essmann et al., J. Chem. Phys. 103,
+// 8577 (1995)): the atom-mesh steps of the periodic EFA stages on the mesh. The reference, and the
+// operators' pure-torch registration, are spread_reference / gather_reference in
+// efa_deploy/model/mesh.py.
+//
+//   mesh_spread(u (N, 3), values (N, C), offset (N,), mesh, rows, order) -> Q (rows, C)
+//       Q[offset_j + row(k)] += W_j(k) values_j            over the P^3 stencil points k of atom j
+//   mesh_gather(u (N, 3), grid (rows, C), offset (N,), mesh, order) -> Z (N, C)
+//       Z_j = sum_k W_j(k) grid[offset_j + row(k)]
+//
+// u_j are mesh coordinates, W_j(k) = prod_a M_P(f_a + i_a) with f = u - floor(u), and the point
+// k_a = (floor(u_a) - i_a) mod K_a; row(k) = (k_1 K_2 + k_2) K_3 + k_3. Nothing per atom x
+// stencil is stored: backward recomputes the weights (first derivatives only, as the other fused
+// operators: training keeps the reference path).
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <vector>
+
+#include "fused_autograd.h"
+
+namespace efa {
+namespace {
+
+using torch::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int kMaxOrder = 12;
+constexpr const char *kNoDoubleBackward =
+    "efa::mesh_spread / efa::mesh_gather (the fused mesh steps of periodic EFA) have no second derivative; "
+    "train with the reference path: efa_deploy.model.use_fused(model, False)";
+
+// One atom's stencil: per axis the B-spline weights, their derivatives and the mesh indices.
+template <typename T>
+struct Stencil {
+  T w[3][kMaxOrder], dw[3][kMaxOrder];
+  int64_t index[3][kMaxOrder];
+
+  Stencil(const T *u, const std::vector<int64_t> &mesh, int order)
+  {
+    for (int a = 0; a < 3; ++a) {
+      const T base = std::floor(u[a]);
+      const T f = u[a] - base;
+      // A_1 = [1]; A_k[i] = ((f + i) A_{k-1}[i] + (k - f - i) A_{k-1}[i - 1]) / (k - 1)
+      T level[kMaxOrder] = {T(1)};
+      for (int k = 2; k <= order; ++k) {
+        if (k == order) {  // dM_P(x)/dx = M_{P-1}(x) - M_{P-1}(x - 1)
+          for (int i = 0; i < order; ++i)
+            dw[a][i] = (i < order - 1 ? level[i] : T(0)) - (i > 0 ? level[i - 1] : T(0));
+        }
+        T next[kMaxOrder];
+        for (int i = 0; i < k; ++i) {
+          const T x = f + T(i);
+          next[i] = (x * (i < k - 1 ? level[i] : T(0)) + (T(k) - x) * (i > 0 ? level[i - 1] : T(0))) / T(k - 1);
+        }
+        for (int i = 0; i < k; ++i) level[i] = next[i];
+      }
+      const int64_t k_a = mesh[a];
+      const int64_t first = static_cast<int64_t>(base);
+      for (int i = 0; i < order; ++i) {
+        w[a][i] = level[i];
+        index[a][i] = ((first - i) % k_a + k_a) % k_a;
+      }
+    }
+  }
+
+  // calls body(row, weight, d weight / d u_1, ... / d u_2, ... / d u_3) for every stencil point
+  template <typename Body>
+  void each(const std::vector<int64_t> &mesh, int order, int64_t offset, Body &&body) const
+  {
+    for (int i = 0; i < order; ++i) {
+      const int64_t r1 = offset + index[0][i] * mesh[1] * mesh[2];
+      for (int j = 0; j < order; ++j) {
+        const int64_t r12 = r1 + index[1][j] * mesh[2];
+        const T w12 = w[0][i] * w[1][j], d1 = dw[0][i] * w[1][j], d2 = w[0][i] * dw[1][j];
+        for (int k = 0; k < order; ++k)
+          body(r12 + index[2][k], w12 * w[2][k], d1 * w[2][k], d2 * w[2][k], w12 * dw[2][k]);
+      }
+    }
+  }
+};
+
+std::vector<int64_t> check_inputs(const char *op, const Tensor &u, const Tensor &rows_by_atom, const Tensor &offset,
+                                  at::IntArrayRef mesh, int64_t order)
+{
+  TORCH_CHECK(u.dim() == 2 && u.size(1) == 3, op, ": u must be (N, 3), got ", u.sizes());
+  TORCH_CHECK(rows_by_atom.dim() == 2 && rows_by_atom.size(0) == u.size(0), op, ": values must be (N, C) for ",
+              u.size(0), " atoms, got ", rows_by_atom.sizes());
+  TORCH_CHECK(offset.dim() == 1 && offset.size(0) == u.size(0) && offset.scalar_type() == at::kLong, op,
+              ": offset must be (N,) int64");
+  TORCH_CHECK(mesh.size() == 3 && mesh[0] > 0 && mesh[1] > 0 && mesh[2] > 0, op, ": mesh must be 3 positive sizes");
+  TORCH_CHECK(order >= 3 && order <= kMaxOrder, op, ": order must be 3 to ", kMaxOrder, ", got ", order);
+  TORCH_CHECK(u.scalar_type() == rows_by_atom.scalar_type(), op, ": u and the values must have one dtype");
+  TORCH_CHECK(u.device().is_cpu(), op, ": CPU tensors only");
+  return {mesh[0], mesh[1], mesh[2]};
+}
+
+void check_rows(const char *op, const Tensor &offset, at::IntArrayRef mesh, int64_t rows)
+{
+  if (offset.numel() == 0) return;
+  const int64_t top = offset.max().item<int64_t>() + mesh[0] * mesh[1] * mesh[2];
+  TORCH_CHECK(offset.min().item<int64_t>() >= 0 && top <= rows, op, ": offsets + mesh exceed the ", rows, " mesh rows");
+}
+
+// Q[offset_j + row] += W values_j; also, when `gu` is given, the position gradient of
+// sum(Q * grad_q) for Q = spread(values): gu_j,a = sum_k dW/du_a (grad_q[row] . values_j).
+template <typename T>
+void spread_rows(const T *u, const T *values, const int64_t *offset, int64_t n, int64_t c,
+                 const std::vector<int64_t> &mesh, int order, T *q)
+{
+  for (int64_t j = 0; j < n; ++j) {
+    const Stencil<T> s(u + 3 * j, mesh, order);
+    const T *__restrict__ v = values + j * c;
+    s.each(mesh, order, offset[j], [&](int64_t row, T w, T, T, T) {
+      T *__restrict__ out = q + row * c;
+      for (int64_t i = 0; i < c; ++i) out[i] += w * v[i];
+    });
+  }
+}
+
+// Z_j = sum_k W grid[row]; with `dot_with` (N, C) also gu_j,a = sum_k dW/du_a (grid[row] . dot_with_j).
+template <typename T>
+void gather_rows(const T *u, const T *grid, const int64_t *offset, int64_t n, int64_t c,
+                 const std::vector<int64_t> &mesh, int order, T *z, const T *dot_with, T *gu)
+{
+  for (int64_t j = 0; j < n; ++j) {
+    const Stencil<T> s(u + 3 * j, mesh, order);
+    T *__restrict__ out = z ? z + j * c : nullptr;
+    const T *__restrict__ x = dot_with ? dot_with + j * c : nullptr;
+    T g0 = 0, g1 = 0, g2 = 0;
+    s.each(mesh, order, offset[j], [&](int64_t row, T w, T d0, T d1, T d2) {
+      const T *__restrict__ in = grid + row * c;
+      if (out)
+        for (int64_t i = 0; i < c; ++i) out[i] += w * in[i];
+      if (x) {
+        T dot = 0;
+        for (int64_t i = 0; i < c; ++i) dot += in[i] * x[i];
+        g0 += d0 * dot;
+        g1 += d1 * dot;
+        g2 += d2 * dot;
+      }
+    });
+    if (gu) {
+      gu[3 * j] = g0;
+      gu[3 * j + 1] = g1;
+      gu[3 * j + 2] = g2;
+    }
+  }
+}
+
+Tensor spread_cpu(const Tensor &u_in, const Tensor &values_in, const Tensor &offset_in, at::IntArrayRef mesh_in,
+                  int64_t rows, int64_t order)
+{
+  const auto mesh = check_inputs("efa::mesh_spread", u_in, values_in, offset_in, mesh_in, order);
+  check_rows("efa::mesh_spread", offset_in, mesh_in, rows);
+  const Tensor u = u_in.contiguous(), values = values_in.contiguous(), offset = offset_in.contiguous();
+  Tensor q = at::zeros({rows, values.size(1)}, values.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "efa::mesh_spread", [&] {
+    spread_rows<scalar_t>(u.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), offset.data_ptr<int64_t>(),
+                          u.size(0), values.size(1), mesh, int(order), q.data_ptr<scalar_t>());
+  });
+  return q;
+}
+
+Tensor gather_cpu(const Tensor &u_in, const Tensor &grid_in, const Tensor &offset_in, at::IntArrayRef mesh_in,
+                  int64_t order)
+{
+  TORCH_CHECK(grid_in.dim() == 2, "efa::mesh_gather: grid must be (rows, C), got ", grid_in.sizes());
+  const auto mesh = check_inputs("efa::mesh_gather", u_in, at::empty({u_in.size(0), 0}, grid_in.options()), offset_in,
+                                 mesh_in, order);
+  check_rows("efa::mesh_gather", offset_in, mesh_in, grid_in.size(0));
+  const Tensor u = u_in.contiguous(), grid = grid_in.contiguous(), offset = offset_in.contiguous();
+  Tensor z = at::zeros({u.size(0), grid.size(1)}, grid.options());
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "efa::mesh_gather", [&] {
+    gather_rows<scalar_t>(u.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), offset.data_ptr<int64_t>(), u.size(0),
+                          grid.size(1), mesh, int(order), z.data_ptr<scalar_t>(), nullptr, nullptr);
+  });
+  return z;
+}
+
+// d/d(u, values) of sum(spread(u, values) * grad): (gather of grad, the position terms)
+std::tuple<Tensor, Tensor> spread_backward(const Tensor &grad, const Tensor &u, const Tensor &values,
+                                           const Tensor &offset, const std::vector<int64_t> &mesh, int order)
+{
+  const Tensor g = grad.contiguous(), uc = u.contiguous(), v = values.contiguous(), off = offset.contiguous();
+  Tensor g_values = at::zeros_like(v), g_u = at::zeros_like(uc);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "efa::mesh_spread backward", [&] {
+    gather_rows<scalar_t>(uc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), uc.size(0),
+                          v.size(1), mesh, order, g_values.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                          g_u.data_ptr<scalar_t>());
+  });
+  return {g_u, g_values};
+}
+
+// d/d(u, grid) of sum(gather(u, grid) * grad): (the position terms, spread of grad)
+std::tuple<Tensor, Tensor> gather_backward(const Tensor &grad, const Tensor &u, const Tensor &grid,
+                                           const Tensor &offset, const std::vector<int64_t> &mesh, int order)
+{
+  const Tensor g = grad.contiguous(), uc = u.contiguous(), gr = grid.contiguous(), off = offset.contiguous();
+  Tensor g_grid = at::zeros_like(gr), g_u = at::zeros_like(uc);
+  AT_DISPATCH_FLOATING_TYPES(gr.scalar_type(), "efa::mesh_gather backward", [&] {
+    spread_rows<scalar_t>(uc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), uc.size(0),
+                          gr.size(1), mesh, order, g_grid.data_ptr<scalar_t>());
+    gather_rows<scalar_t>(uc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), uc.size(0),
+                          gr.size(1), mesh, order, nullptr, g.data_ptr<scalar_t>(), g_u.data_ptr<scalar_t>());
+  });
+  return {g_u, g_grid};
+}
+
+std::vector<int64_t> mesh_of(const Tensor &saved)
+{
+  return {saved[0].item<int64_t>(), saved[1].item<int64_t>(), saved[2].item<int64_t>()};
+}
+
+struct MeshSpread : public torch::autograd::Function<MeshSpread> {
+  static Tensor forward(AutogradContext *ctx, const Tensor &u, const Tensor &values, const Tensor &offset,
+                        at::IntArrayRef mesh, int64_t rows, int64_t order)
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({u, values, offset});
+    ctx->saved_data["mesh"] = torch::tensor(mesh.vec());
+    ctx->saved_data["order"] = order;
+    return spread_cpu(u, values, offset, mesh, rows, order);
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads)
+  {
+    const variable_list s = ctx->get_saved_variables();
+    variable_list out(6);
+    if (!grads[0].defined()) return out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out[0], out[1]) = spread_backward(grads[0], s[0], s[1], s[2], mesh_of(ctx->saved_data["mesh"].toTensor()),
+                                                 int(ctx->saved_data["order"].toInt()));
+    }
+    variable_list differentiable = {out[0], out[1]};
+    forbid_double_backward(kNoDoubleBackward, differentiable, {grads[0], s[0], s[1]});
+    out[0] = differentiable[0];
+    out[1] = differentiable[1];
+    return out;
+  }
+};
+
+struct MeshGather : public torch::autograd::Function<MeshGather> {
+  static Tensor forward(AutogradContext *ctx, const Tensor &u, const Tensor &grid, const Tensor &offset,
+                        at::IntArrayRef mesh, int64_t order)
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->save_for_backward({u, grid, offset});
+    ctx->saved_data["mesh"] = torch::tensor(mesh.vec());
+    ctx->saved_data["order"] = order;
+    return gather_cpu(u, grid, offset, mesh, order);
+  }
+
+  static variable_list backward(AutogradContext *ctx, variable_list grads)
+  {
+    const variable_list s = ctx->get_saved_variables();
+    variable_list out(5);
+    if (!grads[0].defined()) return out;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(out[0], out[1]) = gather_backward(grads[0], s[0], s[1], s[2], mesh_of(ctx->saved_data["mesh"].toTensor()),
+                                                 int(ctx->saved_data["order"].toInt()));
+    }
+    variable_list differentiable = {out[0], out[1]};
+    forbid_double_backward(kNoDoubleBackward, differentiable, {grads[0], s[0], s[1]});
+    out[0] = differentiable[0];
+    out[1] = differentiable[1];
+    return out;
+  }
+};
+
+Tensor spread_autograd(const Tensor &u, const Tensor &values, const Tensor &offset, at::IntArrayRef mesh, int64_t rows,
+                       int64_t order)
+{
+  return MeshSpread::apply(u, values, offset, mesh, rows, order);
+}
+
+Tensor gather_autograd(const Tensor &u, const Tensor &grid, const Tensor &offset, at::IntArrayRef mesh, int64_t order)
+{
+  return MeshGather::apply(u, grid, offset, mesh, order);
+}
+
+Tensor spread_meta(const Tensor &, const Tensor &values, const Tensor &, at::IntArrayRef, int64_t rows, int64_t)
+{
+  return at::empty({rows, values.size(1)}, values.options());
+}
+
+Tensor gather_meta(const Tensor &u, const Tensor &grid, const Tensor &, at::IntArrayRef, int64_t)
+{
+  return at::empty({u.size(0), grid.size(1)}, grid.options());
+}
+
+}  // namespace
+
+// The schemas must match efa_deploy/ops.py (pure-torch registration: efa_deploy/model/mesh.py).
+TORCH_LIBRARY_FRAGMENT(efa, m)
+{
+  m.def("mesh_spread(Tensor u, Tensor values, Tensor offset, int[] mesh, int rows, int order) -> Tensor");
+  m.def("mesh_gather(Tensor u, Tensor grid, Tensor offset, int[] mesh, int order) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(efa, CPU, m)
+{
+  m.impl("mesh_spread", spread_cpu);
+  m.impl("mesh_gather", gather_cpu);
+}
+
+TORCH_LIBRARY_IMPL(efa, Meta, m)
+{
+  m.impl("mesh_spread", spread_meta);
+  m.impl("mesh_gather", gather_meta);
+}
+
+TORCH_LIBRARY_IMPL(efa, Autograd, m)
+{
+  m.impl("mesh_spread", spread_autograd);
+  m.impl("mesh_gather", gather_autograd);
+}
+
+}  // namespace efa
