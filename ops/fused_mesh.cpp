@@ -210,9 +210,32 @@ std::tuple<Tensor, Tensor> gather_backward(const Tensor &grad, const Tensor &u, 
   return {g_u, g_grid};
 }
 
-std::vector<int64_t> mesh_of(const Tensor &saved)
+// Both steps save (u, their second input, offset), the mesh and the order, and differentiate u
+// and the second input (with `backward`, which may not be differentiated again).
+void save_step(AutogradContext *ctx, const Tensor &u, const Tensor &second, const Tensor &offset, at::IntArrayRef mesh,
+               int64_t order)
 {
-  return {saved[0].item<int64_t>(), saved[1].item<int64_t>(), saved[2].item<int64_t>()};
+  ctx->save_for_backward({u, second, offset});
+  ctx->saved_data["mesh"] = mesh.vec();
+  ctx->saved_data["order"] = order;
+}
+
+template <typename Backward>
+variable_list step_backward(AutogradContext *ctx, const Tensor &grad, size_t inputs, Backward backward)
+{
+  const variable_list s = ctx->get_saved_variables();
+  variable_list out(inputs);
+  if (!grad.defined()) return out;
+  variable_list differentiable(2);
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(differentiable[0], differentiable[1]) =
+        backward(grad, s[0], s[1], s[2], ctx->saved_data["mesh"].toIntVector(), int(ctx->saved_data["order"].toInt()));
+  }
+  forbid_double_backward(kNoDoubleBackward, differentiable, {grad, s[0], s[1]});
+  out[0] = differentiable[0];
+  out[1] = differentiable[1];
+  return out;
 }
 
 struct MeshSpread : public torch::autograd::Function<MeshSpread> {
@@ -220,27 +243,13 @@ struct MeshSpread : public torch::autograd::Function<MeshSpread> {
                         at::IntArrayRef mesh, int64_t rows, int64_t order)
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    ctx->save_for_backward({u, values, offset});
-    ctx->saved_data["mesh"] = torch::tensor(mesh.vec());
-    ctx->saved_data["order"] = order;
+    save_step(ctx, u, values, offset, mesh, order);
     return spread_cpu(u, values, offset, mesh, rows, order);
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads)
   {
-    const variable_list s = ctx->get_saved_variables();
-    variable_list out(6);
-    if (!grads[0].defined()) return out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out[0], out[1]) = spread_backward(grads[0], s[0], s[1], s[2], mesh_of(ctx->saved_data["mesh"].toTensor()),
-                                                 int(ctx->saved_data["order"].toInt()));
-    }
-    variable_list differentiable = {out[0], out[1]};
-    forbid_double_backward(kNoDoubleBackward, differentiable, {grads[0], s[0], s[1]});
-    out[0] = differentiable[0];
-    out[1] = differentiable[1];
-    return out;
+    return step_backward(ctx, grads[0], 6, spread_backward);
   }
 };
 
@@ -249,27 +258,13 @@ struct MeshGather : public torch::autograd::Function<MeshGather> {
                         at::IntArrayRef mesh, int64_t order)
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    ctx->save_for_backward({u, grid, offset});
-    ctx->saved_data["mesh"] = torch::tensor(mesh.vec());
-    ctx->saved_data["order"] = order;
+    save_step(ctx, u, grid, offset, mesh, order);
     return gather_cpu(u, grid, offset, mesh, order);
   }
 
   static variable_list backward(AutogradContext *ctx, variable_list grads)
   {
-    const variable_list s = ctx->get_saved_variables();
-    variable_list out(5);
-    if (!grads[0].defined()) return out;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(out[0], out[1]) = gather_backward(grads[0], s[0], s[1], s[2], mesh_of(ctx->saved_data["mesh"].toTensor()),
-                                                 int(ctx->saved_data["order"].toInt()));
-    }
-    variable_list differentiable = {out[0], out[1]};
-    forbid_double_backward(kNoDoubleBackward, differentiable, {grads[0], s[0], s[1]});
-    out[0] = differentiable[0];
-    out[1] = differentiable[1];
-    return out;
+    return step_backward(ctx, grads[0], 5, gather_backward);
   }
 };
 

@@ -57,18 +57,36 @@ def padded_phases(positions: Tensor, omega: Tensor, directions: Tensor, slot: Te
     return pad(phases(positions, omega, directions), slot, n_structures, n_max).transpose(1, 2)
 
 
+def _key_value_rows(k: Tensor, v: Tensor) -> Tensor:
+    """Each atom's [[k0 v, -k1 v], [-k1 v, -k0 v]]: the rows (N, M, 2, 2D) that the (C, S) phases
+    multiply in stage 1."""
+    n, m, d = k.shape[0], k.shape[1], v.shape[1]
+    k0, k1 = k[:, :, 0], k[:, :, 1]
+    kmat = torch.stack([torch.stack([k0, -k1], dim=2), torch.stack([-k1, -k0], dim=2)], dim=2)  # (N, M, 2, 2)
+    return (kmat.unsqueeze(-1) * v.reshape(n, 1, 1, 1, d)).reshape(n, m, 2, 2 * d)
+
+
+def _rotation_rows(kv: Tensor) -> Tensor:
+    """[[KV_re, KV_im], [-KV_im, KV_re]] (B, M, 2G, 2D): what the (C, S) phases multiply in stage 2."""
+    d = kv.shape[3] // 2
+    kv_re, kv_im = kv[..., :d], kv[..., d:]
+    return torch.cat([kv, torch.cat([-kv_im, kv_re], dim=3)], dim=2)
+
+
+def _contract(q: Tensor, z: Tensor, d: int) -> Tensor:
+    """y_i = sum_m q0 Z_re - q1 Z_im from Z (N, M, 2D)."""
+    return torch.sum(q[:, :, 0:1] * z[:, :, :d] - q[:, :, 1:2] * z[:, :, d:], dim=1)
+
+
 def sum_keys_values(trig: Tensor, k: Tensor, v: Tensor, slot: Tensor, n_structures: int, n_max: int) -> Tensor:
     """Stage 1 from padded phases: KV (B, M, G, 2D) as [Re | Im] columns; v is already masked.
 
     In reals, (C, S) = (cos, sin) theta:
       [KV_re, KV_im] = sum_j [C_j, S_j] [[k0 v, -k1 v], [-k1 v, -k0 v]]_j
     one batched matrix product per (structure, channel)."""
-    n, m, d = k.shape[0], k.shape[1], v.shape[1]
+    m, d = k.shape[1], v.shape[1]
     g = trig.shape[-1]
-    k0, k1 = k[:, :, 0], k[:, :, 1]
-    kmat = torch.stack([torch.stack([k0, -k1], dim=2), torch.stack([-k1, -k0], dim=2)], dim=2)  # (N, M, 2, 2)
-    kv_rows = (kmat.unsqueeze(-1) * v.reshape(n, 1, 1, 1, d)).reshape(n, m, 2, 2 * d)
-    kv_rows = pad(kv_rows, slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, 2D)
+    kv_rows = pad(_key_value_rows(k, v), slot, n_structures, n_max).transpose(1, 2)  # (B, M, Nmax, 2, 2D)
     b = n_structures
     return trig.reshape(b, m, 2 * n_max, g).transpose(2, 3) @ kv_rows.reshape(b, m, 2 * n_max, 2 * d)
 
@@ -78,13 +96,11 @@ def contract_queries(trig: Tensor, q: Tensor, kv: Tensor, slot: Tensor, n_struct
 
       [Z_re, Z_im]_i = [C_i, S_i] [[KV_re, KV_im], [-KV_im, KV_re]],  y_i = sum_m q0 Z_re - q1 Z_im"""
     b, m, g, d = kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[3] // 2
-    kv_re, kv_im = kv[..., :d], kv[..., d:]
-    kv = torch.cat([kv, torch.cat([-kv_im, kv_re], dim=3)], dim=2)  # (B, M, 2G, 2D)
-    z = trig.reshape(b, m, n_max, 2 * g) @ kv  # (B, M, Nmax, 2D)
+    z = trig.reshape(b, m, n_max, 2 * g) @ _rotation_rows(kv)  # (B, M, Nmax, 2D)
     z = z.transpose(1, 2).reshape(b * n_max, m, 2 * d)
     if b > 1:
         z = z[slot]
-    return torch.sum(q[:, :, 0:1] * z[:, :, :d] - q[:, :, 1:2] * z[:, :, d:], dim=1)
+    return _contract(q, z, d)
 
 
 # The periodic form (omega = 1 in every channel): one set of phases, shared by all M channels,
@@ -100,10 +116,8 @@ def shared_sum_keys_values(trig: Tensor, k: Tensor, v: Tensor, slot: Tensor, n_s
     """sum_keys_values from shared phases (B, Nmax, 2, G): KV (B, M, G, 2D); v is already masked."""
     n, m, d = k.shape[0], k.shape[1], v.shape[1]
     b, g = n_structures, trig.shape[-1]
-    k0, k1 = k[:, :, 0], k[:, :, 1]
-    kmat = torch.stack([torch.stack([k0, -k1], dim=2), torch.stack([-k1, -k0], dim=2)], dim=2)  # (N, M, 2, 2)
-    kv_rows = (kmat.unsqueeze(-1) * v.reshape(n, 1, 1, 1, d)).reshape(n, m, 2, 2 * d).transpose(1, 2)  # (N, 2, M, 2D)
-    kv_rows = pad(kv_rows.reshape(n, 2, m * 2 * d), slot, b, n_max).reshape(b, 2 * n_max, m * 2 * d)
+    kv_rows = _key_value_rows(k, v).transpose(1, 2).reshape(n, 2, m * 2 * d)  # (N, 2, M 2D)
+    kv_rows = pad(kv_rows, slot, b, n_max).reshape(b, 2 * n_max, m * 2 * d)
     kv = trig.reshape(b, 2 * n_max, g).transpose(1, 2) @ kv_rows  # (B, G, M 2D)
     return kv.reshape(b, g, m, 2 * d).transpose(1, 2)
 
@@ -111,13 +125,11 @@ def shared_sum_keys_values(trig: Tensor, k: Tensor, v: Tensor, slot: Tensor, n_s
 def shared_contract_queries(trig: Tensor, q: Tensor, kv: Tensor, slot: Tensor, n_structures: int, n_max: int) -> Tensor:
     """contract_queries from shared phases (B, Nmax, 2, G): y (N, D)."""
     b, m, g, d = kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[3] // 2
-    kv_re, kv_im = kv[..., :d], kv[..., d:]
-    kv = torch.cat([kv, torch.cat([-kv_im, kv_re], dim=3)], dim=2)  # (B, M, 2G, 2D)
-    z = trig.reshape(b, n_max, 2 * g) @ kv.transpose(1, 2).reshape(b, 2 * g, m * 2 * d)  # (B, Nmax, M 2D)
+    z = trig.reshape(b, n_max, 2 * g) @ _rotation_rows(kv).transpose(1, 2).reshape(b, 2 * g, m * 2 * d)  # (B, Nmax, M 2D)
     z = z.reshape(b * n_max, m, 2 * d)
     if b > 1:
         z = z[slot]
-    return torch.sum(q[:, :, 0:1] * z[:, :, :d] - q[:, :, 1:2] * z[:, :, d:], dim=1)
+    return _contract(q, z, d)
 
 
 # The operators' pure-torch form (same schemas as ops/fused_efa.cpp).

@@ -193,19 +193,72 @@ def _spline_weights(f: Tensor, order: int) -> Tensor:
 
 def spread_reference(u: Tensor, values: Tensor, offset: Tensor, mesh: List[int], rows: int, order: int) -> Tensor:
     """efa::mesh_spread in torch: Q (rows, C), Q[offset_j + row(k)] += W_j(k) values_j over the P^3
-    stencil of mesh coordinates u_j (ops/fused_mesh.cpp); differentiable to any order."""
+    stencil of mesh coordinates u_j (ops/fused_mesh.cpp); differentiable to any order. Atoms go in
+    chunks whose stencil values stay within ATOM_ELEMENTS (_chunks)."""
+    atoms, c, stencil = u.shape[0], values.shape[1], order * order * order
     f, index = _stencil(u, offset, mesh, order)
-    spread = _spline_weights(f, order).unsqueeze(2) * values.unsqueeze(1)  # (N, P^3, C)
-    out = values.new_zeros(rows, values.shape[1])
-    return out.index_add(0, index.reshape(-1), spread.reshape(-1, values.shape[1]))
+    weight = _spline_weights(f, order).unsqueeze(2)  # (N, P^3, 1)
+    index = index.reshape(atoms, stencil)
+    out = values.new_zeros(rows, c)
+    atom_step = _chunks(max(1, c // 2), rows, stencil)[1]
+    for a0 in range(0, atoms, atom_step):
+        a1 = min(atoms, a0 + atom_step)
+        picked: List[Optional[Tensor]] = [index[a0:a1].reshape(-1)]
+        out.index_put_(picked, (weight[a0:a1] * values[a0:a1].unsqueeze(1)).reshape((a1 - a0) * stencil, c),
+                       accumulate=True)
+    return out
+
+
+def _taylor_gather(u: Tensor, grid: Tensor, offset: Tensor, mesh: List[int], order: int, derivatives: int) -> Tensor:
+    """Z_j = sum_k W_j(k) grid[offset_j + row(k)] (N, C) from the gathered values contracted with
+    the weights and their first (and second) derivatives in u, separably, axis by axis, plus the
+    Taylor terms delta Z' (+ delta^2 Z'' / 2), delta = u - u.detach() = 0 (module docstring): exact
+    in value and in position derivatives up to `derivatives` (0, 1 or 2) without keeping the
+    gathered values for backward; linear in grid. Atoms go in chunks (_chunks), each at least as
+    large as the mesh (every chunk's gather costs a zero mesh in backward)."""
+    atoms, c, stencil = u.shape[0], grid.shape[1], order * order * order
+    if derivatives > 0 and order < 3:
+        raise RuntimeError("position derivatives of the mesh path need order >= 3")
+    f, rows = _stencil(u.detach(), offset, mesh, order)
+    t = _taylor_weights(f, order, derivatives)  # (N, 3, E, P), no grad
+    e = derivatives + 1
+    rows = rows.reshape(atoms, stencil)
+    w1 = t[:, 0].reshape(atoms, e, order)
+    w2 = t[:, 1].reshape(atoms, 1, e, order)
+    w3 = t[:, 2].reshape(atoms, 1, e, order)
+    if derivatives == 2:
+        delta = u - u.detach()
+        d1, d2, d3 = delta[:, 0], delta[:, 1], delta[:, 2]
+        one = torch.ones_like(d1)
+        coef = torch.stack([one, d1, d2, d3, 0.5 * d1 * d1, 0.5 * d2 * d2, 0.5 * d3 * d3, d1 * d2, d1 * d3, d2 * d3], dim=1)
+        coef = coef.unsqueeze(1)  # (N, 1, 10)
+        # (e1, e2, e3) derivative orders of the terms below -> flat index e1 * 9 + e2 * 3 + e3
+        select = torch.tensor([0, 9, 3, 1, 18, 6, 2, 12, 10, 4], device=u.device)
+    elif derivatives == 1:
+        delta = u - u.detach()
+        coef = torch.cat([torch.ones_like(delta[:, :1]), delta], dim=1).unsqueeze(1)  # (N, 1, 4)
+        select = torch.tensor([0, 4, 2, 1], device=u.device)  # e1 * 4 + e2 * 2 + e3
+    else:
+        coef = torch.ones_like(u[:, :1]).unsqueeze(1)
+        select = torch.zeros(1, dtype=torch.long, device=u.device)
+    atom_step = max(_chunks(max(1, c // 2), grid.shape[0], stencil)[1], (grid.shape[0] + stencil - 1) // stencil)
+    pieces: List[Tensor] = []
+    for a0 in range(0, atoms, atom_step):
+        a1 = min(atoms, a0 + atom_step)
+        na = a1 - a0
+        x = grid.index_select(0, rows[a0:a1].reshape(-1)).reshape(na, order, order * order * c)
+        x = torch.bmm(w1[a0:a1], x).reshape(na, e, order, order * c)  # (N, E1, P2, P3 C)
+        x = torch.matmul(w2[a0:a1], x).reshape(na, e * e, order, c)  # (N, E1 E2, P3, C)
+        x = torch.matmul(w3[a0:a1], x)  # (N, E1 E2, E3, C)
+        x = x.reshape(na, e * e * e, c).index_select(1, select)
+        pieces.append(torch.matmul(coef[a0:a1], x).reshape(na, c))
+    return torch.cat(pieces, dim=0)
 
 
 def gather_reference(u: Tensor, grid: Tensor, offset: Tensor, mesh: List[int], order: int) -> Tensor:
-    """efa::mesh_gather in torch: Z_j = sum_k W_j(k) grid[offset_j + row(k)] (N, C)."""
-    f, index = _stencil(u, offset, mesh, order)
-    n, c = u.shape[0], grid.shape[1]
-    picked = grid.index_select(0, index.reshape(-1)).reshape(n, order * order * order, c)
-    return torch.sum(_spline_weights(f, order).unsqueeze(2) * picked, dim=1)
+    """efa::mesh_gather in torch: Z_j = sum_k W_j(k) grid[offset_j + row(k)] (N, C), exact in value
+    and in position derivatives to second order (_taylor_gather)."""
+    return _taylor_gather(u, grid, offset, mesh, order, 2 if u.requires_grad else 0)
 
 
 def _chunks(channels: int, mesh_rows: int, stencil: int) -> tuple[int, int]:
@@ -230,31 +283,22 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     cells = k1 * k2 * k3
     u = _mesh_coordinates(p, mesh)
     offset = row_offsets(batch, n_structures, mesh)
-    f, rows = _stencil(u, offset, mesh, order)
     atoms = p.shape[0]
-    weight = _spline_weights(f, order).unsqueeze(2)  # (N, P^3, 1)
-    rows = rows.reshape(atoms, order * order * order)
     # conj(k) v (owned): (N, M, D, 2) real pairs
     v = values * owned.unsqueeze(1)
     c = torch.stack([keys[:, :, 0:1] * v.unsqueeze(1), -keys[:, :, 1:2] * v.unsqueeze(1)], dim=-1)
     c = c.reshape(atoms, m * d * 2)
     factor = torch.conj(_euler_factors(n, mesh, order, values.dtype)).unsqueeze(-1)  # (G, 1)
     channels = m * d
-    stencil = order * order * order
-    step, atom_step = _chunks(channels, n_structures * cells, stencil)
+    step = _chunks(channels, n_structures * cells, order * order * order)[0]
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
+        chunk = c[:, 2 * start:2 * (start + width)]
         if fused:
-            q = torch.ops.efa.mesh_spread(u, c[:, 2 * start:2 * (start + width)].contiguous(), offset, mesh,
-                                          n_structures * cells, order)
+            q = torch.ops.efa.mesh_spread(u, chunk.contiguous(), offset, mesh, n_structures * cells, order)
         else:
-            q = values.new_zeros(n_structures * cells, 2 * width)
-        for a0 in range(0, 0 if fused else atoms, atom_step):
-            a1 = min(atoms, a0 + atom_step)
-            index: List[Optional[Tensor]] = [rows[a0:a1].reshape(-1)]
-            spread = weight[a0:a1] * c[a0:a1, 2 * start:2 * (start + width)].unsqueeze(1)
-            q.index_put_(index, spread.reshape((a1 - a0) * stencil, 2 * width), accumulate=True)
+            q = spread_reference(u, chunk, offset, mesh, n_structures * cells, order)
         spectrum = torch.fft.fftn(torch.view_as_complex(q.reshape(n_structures, k1, k2, k3, width, 2)), dim=[1, 2, 3])
         parts.append(spectrum.reshape(n_structures, cells, width).index_select(1, flat) * factor)
     kv = torch.view_as_real(torch.cat(parts, dim=2))  # (B, G, M D, 2)
@@ -276,38 +320,12 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     cells = k1 * k2 * k3
     u = _mesh_coordinates(p, mesh)
     offset = row_offsets(batch, n_structures, mesh)
-    f, rows = _stencil(u.detach(), offset, mesh, order)
-    derivatives = 0 if fused else (2 if second_order else 1) if u.requires_grad else 0
-    if derivatives > 0 and order < 3:
-        raise RuntimeError("position derivatives of the mesh path need order >= 3")
-    t = _taylor_weights(f, order, derivatives)  # (N, 3, E, P), no grad
-    e = derivatives + 1
-    rows = rows.reshape(atoms, order * order * order)
+    derivatives = (2 if second_order else 1) if u.requires_grad else 0
     factor = _euler_factors(n, mesh, order, kv.dtype).unsqueeze(-1)  # (G, 1)
     spectrum = torch.view_as_complex(kv.reshape(n_structures, m, g, 2, d).permute(0, 2, 1, 4, 3).contiguous())
     spectrum = spectrum.reshape(n_structures, g, m * d) * factor
-    w1 = t[:, 0].reshape(atoms, e, order)
-    w2 = t[:, 1].reshape(atoms, 1, e, order)
-    w3 = t[:, 2].reshape(atoms, 1, e, order)
-    if derivatives == 2:
-        delta = u - u.detach()
-        d1, d2, d3 = delta[:, 0], delta[:, 1], delta[:, 2]
-        one = torch.ones_like(d1)
-        coef = torch.stack([one, d1, d2, d3, 0.5 * d1 * d1, 0.5 * d2 * d2, 0.5 * d3 * d3, d1 * d2, d1 * d3, d2 * d3], dim=1)
-        coef = coef.unsqueeze(1)  # (N, 1, 10)
-        # (e1, e2, e3) derivative orders of the terms below -> flat index e1 * 9 + e2 * 3 + e3
-        select = torch.tensor([0, 9, 3, 1, 18, 6, 2, 12, 10, 4], device=p.device)
-    elif derivatives == 1:
-        delta = u - u.detach()
-        coef = torch.cat([torch.ones_like(delta[:, :1]), delta], dim=1).unsqueeze(1)  # (N, 1, 4)
-        select = torch.tensor([0, 4, 2, 1], device=p.device)  # e1 * 4 + e2 * 2 + e3
-    else:
-        coef = torch.ones_like(u[:, :1]).unsqueeze(1)
-        select = torch.zeros(1, dtype=torch.long, device=p.device)
     channels = m * d
-    step, atom_step = _chunks(channels, n_structures * cells, order * order * order)
-    # every chunk's gather costs a zero mesh in backward: at least as many stencil rows as mesh rows
-    atom_step = max(atom_step, (n_structures * cells + order * order * order - 1) // (order * order * order))
+    step = _chunks(channels, n_structures * cells, order * order * order)[0]
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
@@ -316,18 +334,9 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
         phi = torch.fft.ifftn(grid.reshape(n_structures, k1, k2, k3, width), dim=[1, 2, 3], norm="forward")
         phi = torch.view_as_real(phi).reshape(n_structures * cells, 2 * width)
         if fused:
-            parts.append(torch.ops.efa.mesh_gather(u, phi, offset, mesh, order).reshape(atoms, width, 2))
-            continue
-        pieces: List[Tensor] = []
-        for a0 in range(0, atoms, atom_step):
-            a1 = min(atoms, a0 + atom_step)
-            na = a1 - a0
-            x = phi.index_select(0, rows[a0:a1].reshape(-1)).reshape(na, order, order * order * 2 * width)
-            x = torch.bmm(w1[a0:a1], x).reshape(na, e, order, order * 2 * width)  # (N, E1, P2, P3 2W)
-            x = torch.matmul(w2[a0:a1], x).reshape(na, e * e, order, 2 * width)  # (N, E1 E2, P3, 2W)
-            x = torch.matmul(w3[a0:a1], x)  # (N, E1 E2, E3, 2W)
-            x = x.reshape(na, e * e * e, 2 * width).index_select(1, select)
-            pieces.append(torch.matmul(coef[a0:a1], x).reshape(na, width, 2))
-        parts.append(torch.cat(pieces, dim=0))
+            z = torch.ops.efa.mesh_gather(u, phi, offset, mesh, order)
+        else:
+            z = _taylor_gather(u, phi, offset, mesh, order, derivatives)
+        parts.append(z.reshape(atoms, width, 2))
     z = torch.cat(parts, dim=1).reshape(atoms, m, d, 2)
     return torch.sum(queries[:, :, 0:1] * z[..., 0] - queries[:, :, 1:2] * z[..., 1], dim=1)
