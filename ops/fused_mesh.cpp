@@ -29,6 +29,12 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int kMaxOrder = 12;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EFA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define EFA_VECTOR_CLONES
+#endif
 constexpr const char *kNoDoubleBackward =
     "efa::mesh_spread / efa::mesh_gather (the fused mesh steps of periodic EFA) have no second derivative; "
     "train with the reference path: efa_deploy.model.use_fused(model, False)";
@@ -105,45 +111,66 @@ void check_rows(const char *op, const Tensor &offset, at::IntArrayRef mesh, int6
   TORCH_CHECK(offset.min().item<int64_t>() >= 0 && top <= rows, op, ": offsets + mesh exceed the ", rows, " mesh rows");
 }
 
-// Q[offset_j + row] += W values_j; also, when `gu` is given, the position gradient of
-// sum(Q * grad_q) for Q = spread(values): gu_j,a = sum_k dW/du_a (grad_q[row] . values_j).
-template <typename T>
-void spread_rows(const T *u, const T *values, const int64_t *offset, int64_t n, int64_t c,
-                 const std::vector<int64_t> &mesh, int order, T *q)
+// Atoms in the order of their first stencil row, so that consecutive atoms share mesh rows in
+// cache (3-4x faster than a random order on a 1e5-point mesh); every output row of an atom is its
+// own, so only the order of the additions into shared mesh rows changes.
+std::vector<int64_t> mesh_order(const Tensor &u, const Tensor &offset, const std::vector<int64_t> &mesh)
 {
-  for (int64_t j = 0; j < n; ++j) {
-    const Stencil<T> s(u + 3 * j, mesh, order);
-    const T *__restrict__ v = values + j * c;
-    s.each(mesh, order, offset[j], [&](int64_t row, T w, T, T, T) {
-      T *__restrict__ out = q + row * c;
-      for (int64_t i = 0; i < c; ++i) out[i] += w * v[i];
-    });
-  }
+  const Tensor base = at::floor(u.detach()).to(at::kLong);
+  const Tensor k = at::remainder(base, at::tensor(mesh, offset.options()));
+  const Tensor key = offset + (k.select(1, 0) * mesh[1] + k.select(1, 1)) * mesh[2] + k.select(1, 2);
+  const Tensor sorted = at::argsort(key, /*stable=*/true).contiguous();
+  return std::vector<int64_t>(sorted.data_ptr<int64_t>(), sorted.data_ptr<int64_t>() + sorted.numel());
 }
 
-// Z_j = sum_k W grid[row]; with `dot_with` (N, C) also gu_j,a = sum_k dW/du_a (grid[row] . dot_with_j).
+// x . y in 8 independent lanes, which the compiler vectorises (one running sum would not be:
+// float addition is not associative).
 template <typename T>
-void gather_rows(const T *u, const T *grid, const int64_t *offset, int64_t n, int64_t c,
-                 const std::vector<int64_t> &mesh, int order, T *z, const T *dot_with, T *gu)
+inline T dot(const T *__restrict__ x, const T *__restrict__ y, int64_t c)
 {
-  for (int64_t j = 0; j < n; ++j) {
+  T lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= c; i += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += x[i + l] * y[i + l];
+  T sum = 0;
+  for (; i < c; ++i) sum += x[i] * y[i];
+  for (int l = 0; l < 8; ++l) sum += lane[l];
+  return sum;
+}
+
+// One pass over every atom's stencil for both forward steps and both backward steps:
+//   z      (N, C):    z_j += sum_k W grid[row]                               (Gather)
+//   spread (rows, C): spread[row] += W spread_values_j                       (Spread)
+//   gu     (N, 3):    gu_j,a = sum_k dW/du_a (grid[row] . dot_with_j)        (Dot)
+// (the null pattern is a template argument, so each of the three uses is its own branch-free loop;
+// on x86-64 an AVX2 + FMA clone is chosen at load time where the CPU has them: about 25% faster)
+template <typename T, bool Gather, bool Spread, bool Dot>
+EFA_VECTOR_CLONES void stencil_pass(const T *u, const T *grid, const int64_t *offset, const std::vector<int64_t> &atoms, int64_t c,
+                  const std::vector<int64_t> &mesh, int order, T *z, const T *spread_values, T *spread,
+                  const T *dot_with, T *gu)
+{
+  for (const int64_t j : atoms) {
     const Stencil<T> s(u + 3 * j, mesh, order);
-    T *__restrict__ out = z ? z + j * c : nullptr;
-    const T *__restrict__ x = dot_with ? dot_with + j * c : nullptr;
+    T *__restrict__ out = Gather ? z + j * c : nullptr;
+    const T *__restrict__ sv = Spread ? spread_values + j * c : nullptr;
+    const T *__restrict__ x = Dot ? dot_with + j * c : nullptr;
     T g0 = 0, g1 = 0, g2 = 0;
     s.each(mesh, order, offset[j], [&](int64_t row, T w, T d0, T d1, T d2) {
-      const T *__restrict__ in = grid + row * c;
-      if (out)
+      const T *__restrict__ in = Gather || Dot ? grid + row * c : nullptr;
+      if constexpr (Gather)
         for (int64_t i = 0; i < c; ++i) out[i] += w * in[i];
-      if (x) {
-        T dot = 0;
-        for (int64_t i = 0; i < c; ++i) dot += in[i] * x[i];
-        g0 += d0 * dot;
-        g1 += d1 * dot;
-        g2 += d2 * dot;
+      if constexpr (Dot) {
+        const T d = dot(in, x, c);
+        g0 += d0 * d;
+        g1 += d1 * d;
+        g2 += d2 * d;
+      }
+      if constexpr (Spread) {
+        T *__restrict__ target = spread + row * c;
+        for (int64_t i = 0; i < c; ++i) target[i] += w * sv[i];
       }
     });
-    if (gu) {
+    if constexpr (Dot) {
       gu[3 * j] = g0;
       gu[3 * j + 1] = g1;
       gu[3 * j + 2] = g2;
@@ -159,8 +186,9 @@ Tensor spread_cpu(const Tensor &u_in, const Tensor &values_in, const Tensor &off
   const Tensor u = u_in.contiguous(), values = values_in.contiguous(), offset = offset_in.contiguous();
   Tensor q = at::zeros({rows, values.size(1)}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "efa::mesh_spread", [&] {
-    spread_rows<scalar_t>(u.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), offset.data_ptr<int64_t>(),
-                          u.size(0), values.size(1), mesh, int(order), q.data_ptr<scalar_t>());
+    stencil_pass<scalar_t, false, true, false>(u.data_ptr<scalar_t>(), nullptr, offset.data_ptr<int64_t>(), mesh_order(u, offset, mesh),
+                           values.size(1), mesh, int(order), nullptr, values.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
+                           nullptr, nullptr);
   });
   return q;
 }
@@ -175,8 +203,9 @@ Tensor gather_cpu(const Tensor &u_in, const Tensor &grid_in, const Tensor &offse
   const Tensor u = u_in.contiguous(), grid = grid_in.contiguous(), offset = offset_in.contiguous();
   Tensor z = at::zeros({u.size(0), grid.size(1)}, grid.options());
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "efa::mesh_gather", [&] {
-    gather_rows<scalar_t>(u.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), offset.data_ptr<int64_t>(), u.size(0),
-                          grid.size(1), mesh, int(order), z.data_ptr<scalar_t>(), nullptr, nullptr);
+    stencil_pass<scalar_t, true, false, false>(u.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), offset.data_ptr<int64_t>(),
+                           mesh_order(u, offset, mesh), grid.size(1), mesh, int(order), z.data_ptr<scalar_t>(), nullptr,
+                           nullptr, nullptr, nullptr);
   });
   return z;
 }
@@ -188,9 +217,9 @@ std::tuple<Tensor, Tensor> spread_backward(const Tensor &grad, const Tensor &u, 
   const Tensor g = grad.contiguous(), uc = u.contiguous(), v = values.contiguous(), off = offset.contiguous();
   Tensor g_values = at::zeros_like(v), g_u = at::zeros_like(uc);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "efa::mesh_spread backward", [&] {
-    gather_rows<scalar_t>(uc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), uc.size(0),
-                          v.size(1), mesh, order, g_values.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
-                          g_u.data_ptr<scalar_t>());
+    stencil_pass<scalar_t, true, false, true>(uc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
+                           mesh_order(uc, off, mesh), v.size(1), mesh, order, g_values.data_ptr<scalar_t>(), nullptr,
+                           nullptr, v.data_ptr<scalar_t>(), g_u.data_ptr<scalar_t>());
   });
   return {g_u, g_values};
 }
@@ -202,10 +231,9 @@ std::tuple<Tensor, Tensor> gather_backward(const Tensor &grad, const Tensor &u, 
   const Tensor g = grad.contiguous(), uc = u.contiguous(), gr = grid.contiguous(), off = offset.contiguous();
   Tensor g_grid = at::zeros_like(gr), g_u = at::zeros_like(uc);
   AT_DISPATCH_FLOATING_TYPES(gr.scalar_type(), "efa::mesh_gather backward", [&] {
-    spread_rows<scalar_t>(uc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), uc.size(0),
-                          gr.size(1), mesh, order, g_grid.data_ptr<scalar_t>());
-    gather_rows<scalar_t>(uc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), uc.size(0),
-                          gr.size(1), mesh, order, nullptr, g.data_ptr<scalar_t>(), g_u.data_ptr<scalar_t>());
+    stencil_pass<scalar_t, false, true, true>(uc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
+                           mesh_order(uc, off, mesh), gr.size(1), mesh, order, nullptr, g.data_ptr<scalar_t>(),
+                           g_grid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), g_u.data_ptr<scalar_t>());
   });
   return {g_u, g_grid};
 }

@@ -121,7 +121,7 @@ class EnergyModel(nn.Module):
                              persistent=False)
         self.periodic = bool(config.periodic_efa and blocks)
         self.k_zero = bool(config.k_zero)
-        self.mesh_min_kvectors = 2500  # kspace auto: where the mesh becomes the cheaper path (set_kspace)
+        self.mesh_min_kvectors = 1500  # kspace auto: where the mesh becomes the cheaper path (set_kspace)
         self.mesh = []  # the k-space mesh in use ([]: the direct sum over k), set_kspace
 
     # ---- the periodic form's k-space path: direct sum over k or mesh (mesh.py), set_kspace ----

@@ -299,8 +299,9 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
             q = torch.ops.efa.mesh_spread(u, chunk.contiguous(), offset, mesh, n_structures * cells, order)
         else:
             q = spread_reference(u, chunk, offset, mesh, n_structures * cells, order)
-        spectrum = torch.fft.fftn(torch.view_as_complex(q.reshape(n_structures, k1, k2, k3, width, 2)), dim=[1, 2, 3])
-        parts.append(spectrum.reshape(n_structures, cells, width).index_select(1, flat) * factor)
+        q = torch.view_as_complex(q.reshape(n_structures * cells, width, 2)).t().contiguous()
+        spectrum = torch.fft.fftn(q.reshape(width, n_structures, k1, k2, k3), dim=[2, 3, 4])
+        parts.append(spectrum.reshape(width, n_structures, cells).index_select(2, flat).permute(1, 2, 0) * factor)
     kv = torch.view_as_real(torch.cat(parts, dim=2))  # (B, G, M D, 2)
     return kv.reshape(n_structures, g, m, d, 2).permute(0, 2, 1, 4, 3).reshape(n_structures, m, g, 2 * d)
 
@@ -329,10 +330,11 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
-        grid = spectrum.new_zeros(n_structures, cells, width)
-        grid.index_add_(1, flat, spectrum[:, :, start:start + width])
-        phi = torch.fft.ifftn(grid.reshape(n_structures, k1, k2, k3, width), dim=[1, 2, 3], norm="forward")
-        phi = torch.view_as_real(phi).reshape(n_structures * cells, 2 * width)
+        grid = spectrum.new_zeros(width, n_structures, cells)
+        grid.index_add_(2, flat, spectrum[:, :, start:start + width].permute(2, 0, 1))
+        phi = torch.fft.ifftn(grid.reshape(width, n_structures, k1, k2, k3), dim=[2, 3, 4], norm="forward")
+        phi = torch.view_as_real(phi.reshape(width, n_structures * cells).t().contiguous())
+        phi = phi.reshape(n_structures * cells, 2 * width)
         if fused:
             z = torch.ops.efa.mesh_gather(u, phi, offset, mesh, order)
         else:
