@@ -21,6 +21,13 @@
 
 #include "fused_autograd.h"
 
+// an AVX2 + FMA copy of the stencil loop on x86-64 with GCC, chosen at load time where the CPU has them
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define EFA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define EFA_VECTOR_CLONES
+#endif
+
 namespace efa {
 namespace {
 
@@ -29,12 +36,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int kMaxOrder = 12;
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define EFA_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define EFA_VECTOR_CLONES
-#endif
 constexpr const char *kNoDoubleBackward =
     "efa::mesh_spread / efa::mesh_gather (the fused mesh steps of periodic EFA) have no second derivative; "
     "train with the reference path: efa_deploy.model.use_fused(model, False)";
@@ -142,12 +143,12 @@ inline T dot(const T *__restrict__ x, const T *__restrict__ y, int64_t c)
 //   z      (N, C):    z_j += sum_k W grid[row]                               (Gather)
 //   spread (rows, C): spread[row] += W spread_values_j                       (Spread)
 //   gu     (N, 3):    gu_j,a = sum_k dW/du_a (grid[row] . dot_with_j)        (Dot)
-// (the null pattern is a template argument, so each of the three uses is its own branch-free loop;
-// on x86-64 an AVX2 + FMA clone is chosen at load time where the CPU has them: about 25% faster)
+// (which of the three is a template argument, so each use is its own branch-free loop; the AVX2 +
+// FMA clone is about 25% faster)
 template <typename T, bool Gather, bool Spread, bool Dot>
-EFA_VECTOR_CLONES void stencil_pass(const T *u, const T *grid, const int64_t *offset, const std::vector<int64_t> &atoms, int64_t c,
-                  const std::vector<int64_t> &mesh, int order, T *z, const T *spread_values, T *spread,
-                  const T *dot_with, T *gu)
+EFA_VECTOR_CLONES void stencil_pass(const T *u, const T *grid, const int64_t *offset, const std::vector<int64_t> &atoms,
+                                    int64_t c, const std::vector<int64_t> &mesh, int order, T *z,
+                                    const T *spread_values, T *spread, const T *dot_with, T *gu)
 {
   for (const int64_t j : atoms) {
     const Stencil<T> s(u + 3 * j, mesh, order);
@@ -186,9 +187,9 @@ Tensor spread_cpu(const Tensor &u_in, const Tensor &values_in, const Tensor &off
   const Tensor u = u_in.contiguous(), values = values_in.contiguous(), offset = offset_in.contiguous();
   Tensor q = at::zeros({rows, values.size(1)}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "efa::mesh_spread", [&] {
-    stencil_pass<scalar_t, false, true, false>(u.data_ptr<scalar_t>(), nullptr, offset.data_ptr<int64_t>(), mesh_order(u, offset, mesh),
-                           values.size(1), mesh, int(order), nullptr, values.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(),
-                           nullptr, nullptr);
+    stencil_pass<scalar_t, false, true, false>(u.data_ptr<scalar_t>(), nullptr, offset.data_ptr<int64_t>(),
+                                               mesh_order(u, offset, mesh), values.size(1), mesh, int(order), nullptr,
+                                               values.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), nullptr, nullptr);
   });
   return q;
 }
@@ -203,9 +204,10 @@ Tensor gather_cpu(const Tensor &u_in, const Tensor &grid_in, const Tensor &offse
   const Tensor u = u_in.contiguous(), grid = grid_in.contiguous(), offset = offset_in.contiguous();
   Tensor z = at::zeros({u.size(0), grid.size(1)}, grid.options());
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "efa::mesh_gather", [&] {
-    stencil_pass<scalar_t, true, false, false>(u.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), offset.data_ptr<int64_t>(),
-                           mesh_order(u, offset, mesh), grid.size(1), mesh, int(order), z.data_ptr<scalar_t>(), nullptr,
-                           nullptr, nullptr, nullptr);
+    stencil_pass<scalar_t, true, false, false>(u.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(),
+                                               offset.data_ptr<int64_t>(), mesh_order(u, offset, mesh), grid.size(1),
+                                               mesh, int(order), z.data_ptr<scalar_t>(), nullptr, nullptr, nullptr,
+                                               nullptr);
   });
   return z;
 }
@@ -218,8 +220,9 @@ std::tuple<Tensor, Tensor> spread_backward(const Tensor &grad, const Tensor &u, 
   Tensor g_values = at::zeros_like(v), g_u = at::zeros_like(uc);
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "efa::mesh_spread backward", [&] {
     stencil_pass<scalar_t, true, false, true>(uc.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
-                           mesh_order(uc, off, mesh), v.size(1), mesh, order, g_values.data_ptr<scalar_t>(), nullptr,
-                           nullptr, v.data_ptr<scalar_t>(), g_u.data_ptr<scalar_t>());
+                                              mesh_order(uc, off, mesh), v.size(1), mesh, order,
+                                              g_values.data_ptr<scalar_t>(), nullptr, nullptr, v.data_ptr<scalar_t>(),
+                                              g_u.data_ptr<scalar_t>());
   });
   return {g_u, g_values};
 }
@@ -232,8 +235,9 @@ std::tuple<Tensor, Tensor> gather_backward(const Tensor &grad, const Tensor &u, 
   Tensor g_grid = at::zeros_like(gr), g_u = at::zeros_like(uc);
   AT_DISPATCH_FLOATING_TYPES(gr.scalar_type(), "efa::mesh_gather backward", [&] {
     stencil_pass<scalar_t, false, true, true>(uc.data_ptr<scalar_t>(), gr.data_ptr<scalar_t>(), off.data_ptr<int64_t>(),
-                           mesh_order(uc, off, mesh), gr.size(1), mesh, order, nullptr, g.data_ptr<scalar_t>(),
-                           g_grid.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), g_u.data_ptr<scalar_t>());
+                                              mesh_order(uc, off, mesh), gr.size(1), mesh, order, nullptr,
+                                              g.data_ptr<scalar_t>(), g_grid.data_ptr<scalar_t>(),
+                                              g.data_ptr<scalar_t>(), g_u.data_ptr<scalar_t>());
   });
   return {g_u, g_grid};
 }

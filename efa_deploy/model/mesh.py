@@ -288,7 +288,7 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
     v = values * owned.unsqueeze(1)
     c = torch.stack([keys[:, :, 0:1] * v.unsqueeze(1), -keys[:, :, 1:2] * v.unsqueeze(1)], dim=-1)
     c = c.reshape(atoms, m * d * 2)
-    factor = torch.conj(_euler_factors(n, mesh, order, values.dtype)).unsqueeze(-1)  # (G, 1)
+    factor = torch.conj(_euler_factors(n, mesh, order, values.dtype))  # (G,)
     channels = m * d
     step = _chunks(channels, n_structures * cells, order * order * order)[0]
     parts: List[Tensor] = []
@@ -301,9 +301,9 @@ def mesh_key_value_sums(p: Tensor, keys: Tensor, values: Tensor, owned: Tensor, 
             q = spread_reference(u, chunk, offset, mesh, n_structures * cells, order)
         q = torch.view_as_complex(q.reshape(n_structures * cells, width, 2)).t().contiguous()
         spectrum = torch.fft.fftn(q.reshape(width, n_structures, k1, k2, k3), dim=[2, 3, 4])
-        parts.append(spectrum.reshape(width, n_structures, cells).index_select(2, flat).permute(1, 2, 0) * factor)
-    kv = torch.view_as_real(torch.cat(parts, dim=2))  # (B, G, M D, 2)
-    return kv.reshape(n_structures, g, m, d, 2).permute(0, 2, 1, 4, 3).reshape(n_structures, m, g, 2 * d)
+        parts.append(spectrum.reshape(width, n_structures, cells).index_select(2, flat))  # (W, B, G)
+    kv = torch.view_as_real(torch.cat(parts, dim=0) * factor)  # (M D, B, G, 2)
+    return kv.reshape(m, d, n_structures, g, 2).permute(2, 0, 3, 4, 1).reshape(n_structures, m, g, 2 * d)
 
 
 def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor, directions: Tensor,
@@ -322,16 +322,17 @@ def mesh_query_contraction(p: Tensor, queries: Tensor, kv: Tensor, batch: Tensor
     u = _mesh_coordinates(p, mesh)
     offset = row_offsets(batch, n_structures, mesh)
     derivatives = (2 if second_order else 1) if u.requires_grad else 0
-    factor = _euler_factors(n, mesh, order, kv.dtype).unsqueeze(-1)  # (G, 1)
-    spectrum = torch.view_as_complex(kv.reshape(n_structures, m, g, 2, d).permute(0, 2, 1, 4, 3).contiguous())
-    spectrum = spectrum.reshape(n_structures, g, m * d) * factor
+    factor = _euler_factors(n, mesh, order, kv.dtype)  # (G,)
+    # channel-first, as the meshes: (M D, B, G)
+    spectrum = torch.view_as_complex(kv.reshape(n_structures, m, g, 2, d).permute(1, 4, 0, 2, 3).contiguous())
+    spectrum = spectrum.reshape(m * d, n_structures, g) * factor
     channels = m * d
     step = _chunks(channels, n_structures * cells, order * order * order)[0]
     parts: List[Tensor] = []
     for start in range(0, channels, step):
         width = min(step, channels - start)
         grid = spectrum.new_zeros(width, n_structures, cells)
-        grid.index_add_(2, flat, spectrum[:, :, start:start + width].permute(2, 0, 1))
+        grid.index_add_(2, flat, spectrum[start:start + width])
         phi = torch.fft.ifftn(grid.reshape(width, n_structures, k1, k2, k3), dim=[2, 3, 4], norm="forward")
         phi = torch.view_as_real(phi.reshape(width, n_structures * cells).t().contiguous())
         phi = phi.reshape(n_structures * cells, 2 * width)
