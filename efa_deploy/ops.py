@@ -13,7 +13,9 @@ local.radial_basis) are what files exported before efa::edge_message call; they 
 so that those files load. Likewise
 efa::attention_keys / attention_queries, the fused EFA stages (ops/fused_efa.cpp), are
 efa_deploy.model.erope.key_value_sums / query_contraction in pure torch, and efa::mesh_spread /
-mesh_gather (ops/fused_mesh.cpp) efa_deploy.model.mesh.spread_reference / gather_reference.
+mesh_gather (ops/fused_mesh.cpp) efa_deploy.model.mesh.spread_reference / gather_reference, and
+efa::pairwise_attention, the exact pairwise form that training takes for small structures, with
+first and second derivatives (ops/fused_pairwise.cpp), efa_deploy.model.pairwise.pairwise_attention_reference.
 """
 
 import os
@@ -40,6 +42,8 @@ MESH_SCHEMAS = {
     "mesh_spread": "mesh_spread(Tensor u, Tensor values, Tensor offset, int[] mesh, int rows, int order) -> Tensor",
     "mesh_gather": "mesh_gather(Tensor u, Tensor grid, Tensor offset, int[] mesh, int order) -> Tensor",
 }
+PAIRWISE_SCHEMA = ("pairwise_attention(Tensor positions, Tensor queries, Tensor keys, Tensor values, Tensor omega, "
+                   "Tensor slot, int n_structures, int n_max) -> Tensor")
 
 _loaded = False
 _library = None  # keeps the pure-torch registrations alive
@@ -59,6 +63,7 @@ def _register_pure_torch() -> None:
     from .model.erope import key_value_sums, query_contraction
     from .model.local import edge_message_passing, message_passing, radial_basis
     from .model.mesh import gather_reference, spread_reference
+    from .model.pairwise import pairwise_attention_reference
 
     # autograd and meta by decomposition
     for name, schema, reference in (("message", MESSAGE_SCHEMA, message_passing),
@@ -67,7 +72,8 @@ def _register_pure_torch() -> None:
                                     ("attention_keys", ATTENTION_SCHEMAS["attention_keys"], key_value_sums),
                                     ("attention_queries", ATTENTION_SCHEMAS["attention_queries"], query_contraction),
                                     ("mesh_spread", MESH_SCHEMAS["mesh_spread"], spread_reference),
-                                    ("mesh_gather", MESH_SCHEMAS["mesh_gather"], gather_reference)):
+                                    ("mesh_gather", MESH_SCHEMAS["mesh_gather"], gather_reference),
+                                    ("pairwise_attention", PAIRWISE_SCHEMA, pairwise_attention_reference)):
         _library.define(schema)
         _library.impl(name, reference, "CompositeImplicitAutograd")
 

@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "frequencies.h"
 #include "fused_autograd.h"
 
 namespace efa {
@@ -37,44 +38,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr int64_t kScratchBytes = 128 * 1024;  // one chunk's coefficient rows (L2-sized)
-constexpr int64_t kLongestLadder = 256;        // more multiples than this: sin/cos per channel
 constexpr const char *kNoDoubleBackward =
     "efa::attention_keys / efa::attention_queries (the fused EFA block used by exported models) have no second "
     "derivative; train with the reference path: efa_deploy.model.use_fused(model, False)";
-
-// The channels' frequencies and, when they form one, the ladder omega_m = multiple[m] * base.
-struct Frequencies {
-  std::vector<double> omega;
-  std::vector<int64_t> multiple;  // empty: no ladder
-  double base = 0.0;
-  int64_t top = 0;  // largest multiple
-};
-
-Frequencies frequencies_of(const Tensor &omega_in)
-{
-  const Tensor omega = omega_in.detach().to(at::kDouble).contiguous();
-  Frequencies f;
-  f.omega.assign(omega.data_ptr<double>(), omega.data_ptr<double>() + omega.numel());
-  double base = 0.0;
-  for (double w : f.omega) {
-    if (w > 0.0 && (base == 0.0 || w < base)) base = w;
-  }
-  // a few units in the last place of omega's dtype: the model's k * omega_1, rounded
-  const double tolerance = omega_in.scalar_type() == at::kDouble ? 1e-12 : 1e-6;
-  std::vector<int64_t> multiple;
-  int64_t top = 0;
-  for (double w : f.omega) {
-    const double ratio = base > 0.0 ? w / base : w;  // no positive frequency: all must be 0
-    const int64_t n = std::llround(std::clamp(ratio, -1.0, double(kLongestLadder + 1)));
-    if (!(std::abs(ratio - double(n)) <= tolerance * std::max(1.0, ratio)) || n < 0 || n > kLongestLadder) return f;
-    multiple.push_back(n);
-    top = std::max(top, n);
-  }
-  f.multiple = std::move(multiple);
-  f.base = base;
-  f.top = top;
-  return f;
-}
 
 struct Sizes {
   int64_t atoms, channels, directions, columns, structures;  // N, M, G, D, B

@@ -29,6 +29,7 @@ from .erope import (contract_queries, pad, padded_phases, padded_slots, shared_c
                     shared_sum_keys_values, sum_keys_values)
 from .lebedev import lebedev_grid
 from .mesh import mesh_key_value_sums, mesh_query_contraction
+from .pairwise import pairwise_attention_reference, sinc_kernel
 
 def frequencies(num_pairs: int, b_max: float, r_max: float) -> Tensor:
     """omega_f = (b_max / r_max) f / (K - 1), f = 0 .. K-1; f = 0 is a plain global term."""
@@ -37,11 +38,24 @@ def frequencies(num_pairs: int, b_max: float, r_max: float) -> Tensor:
     return (b_max / r_max) * torch.arange(num_pairs, dtype=torch.float64) / (num_pairs - 1)
 
 
-def symmetric_product(a: Tensor, b: Tensor) -> Tensor:
-    """(a b^T + b a^T) / 2 of vectors (N, 3, C) as its 6 components xx, yy, zz, xy, xz, yz (N, 6, C)."""
-    rows = torch.tensor([0, 1, 2, 0, 0, 1], device=a.device)
-    cols = torch.tensor([0, 1, 2, 1, 2, 2], device=a.device)
-    return 0.5 * (a[:, rows] * b[:, cols] + a[:, cols] * b[:, rows])
+def symmetric_product(a: Tensor, b: Tensor, off_diagonal: float = 0.5) -> Tensor:
+    """(a b^T + b a^T) / 2 of vectors (N, 3, C) as its 6 components xx, yy, zz, xy, yz, zx (N, C, 6);
+    off_diagonal=1.0 doubles the last three, so that u^T Y w of a symmetric Y is the sum over
+    Y's components times those of symmetric_product(u, w, 1.0). One product of the 9 components
+    of a b^T with a constant (9, 6) map: few operations to differentiate twice."""
+    h = off_diagonal
+    components = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # rows: a b^T row-major; columns: components
+                               [0.0, 0.0, 0.0, h, 0.0, 0.0],
+                               [0.0, 0.0, 0.0, 0.0, 0.0, h],
+                               [0.0, 0.0, 0.0, h, 0.0, 0.0],
+                               [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+                               [0.0, 0.0, 0.0, 0.0, h, 0.0],
+                               [0.0, 0.0, 0.0, 0.0, 0.0, h],
+                               [0.0, 0.0, 0.0, 0.0, h, 0.0],
+                               [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], dtype=a.dtype, device=a.device)
+    n, c = a.shape[0], a.shape[2]
+    outer = a.transpose(1, 2).unsqueeze(3) * b.transpose(1, 2).unsqueeze(2)  # (N, C, 3, 3)
+    return (outer.reshape(n * c, 9) @ components).reshape(n, c, 6)
 
 
 class EuclideanFastAttention(nn.Module):
@@ -147,9 +161,7 @@ class EuclideanFastAttention(nn.Module):
         tensor_contract = self.tensor_contract
         if tensor_contract is not None:
             u, w = torch.split(tensor_contract(vec), ct, dim=2)
-            # u^T Y w for symmetric Y: the off-diagonal components count twice
-            twice = torch.tensor([1.0, 1.0, 1.0, 2.0, 2.0, 2.0], dtype=y.dtype, device=y.device).unsqueeze(1)
-            out.append(torch.sum(tensors.reshape(n, 6, ct) * symmetric_product(u, w) * twice, dim=1))
+            out.append(torch.sum(tensors.reshape(n, ct, 6) * symmetric_product(u, w, 1.0), dim=2))  # u^T Y w
         return torch.cat(out, dim=1)
 
     def forward(
@@ -213,46 +225,31 @@ class EuclideanFastAttention(nn.Module):
             y = contract_queries(trig, q, kv, slot, n_structures, n_max)
         return self._invariants(self.scale * y, vec)
 
-    def _kernel(self, pos: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor]:
-        """sinc(omega_m r_ij) of positions (..., n, 3) as (..., M, n, n): 1 on i = j, 0 where
-        pairs (..., n, n) is 0; and the squared distances (..., n, n)."""
-        m, n = self.omega.numel(), pos.shape[-2]
-        with torch.no_grad():
-            eye = torch.eye(n, dtype=pos.dtype, device=pos.device)
-            still = (self.omega == 0).to(pos.dtype).reshape(m, 1, 1)  # a zero frequency has kernel 1
-            # r and x are kept away from 0, where sqrt and sin(x) / x have no finite derivative
-            # (the masks below remove those entries again)
-            r_offset = 1.0 - pairs
-            sinc_mask = pairs.unsqueeze(-3) * (1.0 - still)
-            base = pairs.unsqueeze(-3) * still + eye
-            omega = self.omega.to(pos.dtype).reshape(m, 1, 1)
-        diff = pos.unsqueeze(-2) - pos.unsqueeze(-3)
-        r2 = torch.sum(diff * diff, dim=-1)
-        x = torch.addcmul(still, torch.sqrt(r2 + r_offset).unsqueeze(-3), omega)  # omega_m r_ij
-        return torch.sin(x) / x * sinc_mask + base, r2
-
+    @torch.jit.unused
     def _pairwise_padded(
         self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, slot: Tensor, n_structures: int, n_max: int,
         owned: Tensor,
     ) -> Tensor:
-        """The pairwise form batched over structures: (B, Nmax, Nmax) kernels, one product."""
-        b, n, m, d = n_structures, q.shape[0], self.omega.numel(), v.shape[1]
-        rows = torch.cat([positions, q.reshape(n, 2 * m), (k * owned.reshape(n, 1, 1)).reshape(n, 2 * m), v], dim=1)
-        pos, qp, kp, vp = torch.split(pad(rows, slot, b, n_max), [3, 2 * m, 2 * m, d], dim=2)
-        with torch.no_grad():  # pairs of distinct real atoms (not padding)
-            real = torch.zeros(b * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
-            real = real.reshape(b, 1, n_max)
-            pairs = real.transpose(1, 2) * real * (1.0 - torch.eye(n_max, dtype=pos.dtype, device=pos.device))
-        kernel, r2 = self._kernel(pos, pairs)  # (B, M, Nmax, Nmax)
-        if bool(torch.any(r2.detach() * pairs > self.r_max ** 2)):
+        """The pairwise form batched over structures: efa::pairwise_attention (ops/fused_pairwise.cpp)
+        on the CPU, its reference elsewhere. Training only: model files (scripted, for inference)
+        leave it out, so they need no operator for it."""
+        with torch.no_grad():  # pairs of real atoms (not padding) more than r_max apart
+            pos = pad(positions, slot, n_structures, n_max)
+            real = torch.zeros(n_structures * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
+            real = real.reshape(n_structures, n_max)
+            r2 = torch.sum((pos.unsqueeze(2) - pos.unsqueeze(1)).square(), dim=-1) * real.unsqueeze(2) * real.unsqueeze(1)
+            too_far = bool(torch.any(r2 > self.r_max ** 2))
+        if too_far:
             raise ValueError(
                 "a training structure has atoms more than r_max = {} A apart: the grid form (validation, export, "
                 "MD) would alias it; raise model.r_max or set model.train_pairwise_max_atoms: 0".format(self.r_max)
             )
-        qp = qp.reshape(b, n_max, m, 2).transpose(1, 2)  # (B, M, Nmax, 2)
-        kp = kp.reshape(b, n_max, m, 2).permute(0, 2, 3, 1)  # (B, M, 2, Nmax)
-        attention = torch.sum((qp @ kp) * kernel, dim=1)  # (B, Nmax, Nmax)
-        return self.scale * (attention @ vp).reshape(b * n_max, d)[slot]
+        args = (positions, q, k * owned.reshape(-1, 1, 1), v, self.omega, slot)
+        if positions.device.type == "cpu":
+            y = torch.ops.efa.pairwise_attention(*args, n_structures, n_max)
+        else:
+            y = pairwise_attention_reference(*args, n_structures, n_max)
+        return self.scale * y
 
     def _pairwise_periodic(self, q: Tensor, k: Tensor, v: Tensor, reciprocal: Tuple[Tensor, Tensor, Tensor],
                            batch: Tensor, owned: Tensor) -> Tensor:
@@ -273,6 +270,6 @@ class EuclideanFastAttention(nn.Module):
         reference, over all N x N pairs at once."""
         n = positions.shape[0]
         same = (batch.unsqueeze(1) == batch.unsqueeze(0)).to(v.dtype)
-        kernel, _ = self._kernel(positions, same * (1.0 - torch.eye(n, dtype=v.dtype, device=v.device)))
+        kernel = sinc_kernel(positions, same * (1.0 - torch.eye(n, dtype=v.dtype, device=v.device)), self.omega)
         qk = torch.einsum("imc,jmc->mij", q, k)
         return self.scale * (torch.sum(qk * kernel, dim=0) * same * owned.unsqueeze(0)) @ v

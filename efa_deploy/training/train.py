@@ -31,12 +31,18 @@ import torch
 from .. import __version__
 from ..checkpoint import DTYPES, load_checkpoint, non_finite_tensors, save_atomic
 from ..model import ModelConfig, build_model
+from ..ops import set_malloc_policy
 from ..plots import plot_learning_curve
 from .config import RESUMABLE, TrainConfig
 from .data import DbRows, GraphDataset, collate_items, elements_of, file_digest, fit_energy_shifts
 from .distributed import World, agree, finish, init, injected_failure, resolve_device, world_from_env
 from .metrics import evaluate, predict_batch
 from .splits import plan_splits
+
+# A training step allocates tensors of the same sizes every step: glibc keeps the freed blocks
+# for the next one instead of the page faults of the lean policy (ops/malloc_policy.cpp), which
+# cost a third of a step (benchmarks/train_step.py). EFA_DEPLOY_MALLOC still decides when set.
+TRAINING_MALLOC_POLICY = "keep"
 
 CSV_FIELDS = ["epoch", "step", "elapsed_s", "lr", "train_loss", "val_loss",
               "val_energy_mae", "val_energy_rmse", "val_energy_per_atom_mae", "val_energy_per_atom_rmse",
@@ -142,6 +148,7 @@ class Run:
         tc = self.tc = config.training
         self.dtype = DTYPES[tc.dtype]
         torch.set_num_threads(tc.threads)
+        set_malloc_policy(TRAINING_MALLOC_POLICY)
         self.world = world_from_env()
         self.device = resolve_device(tc.device, self.world)
         init(self.world, self.device)
@@ -309,7 +316,8 @@ class Run:
                 if use_stress:
                     ds = (p["stress"] - b.stress) * b.has_stress.to(self.dtype).reshape(-1, 1, 1)
                     loss = loss + tc.stress_weight * ds.square().sum() / (9 * n_stress)
-                loss.backward()
+                # parameters only: the positions' second derivatives would be computed and dropped
+                loss.backward(inputs=params)
                 stats[:5] = torch.stack([loss.detach(), de.detach().abs().sum(), df.detach().abs().sum(),
                                          (~torch.isfinite(p["energy"].detach())).sum().to(self.dtype),
                                          (~torch.isfinite(p["forces"].detach())).sum().to(self.dtype)])
