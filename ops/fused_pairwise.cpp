@@ -329,7 +329,7 @@ Grads backward_cpu(const Tensor &grad_y, const Tensor &positions, const Tensor &
 SecondGrads double_backward_cpu(const Tensor &grad_y, const Tensor &positions, const Tensor &queries,
                                 const Tensor &keys, const Tensor &values, const Tensor &omega, const Tensor &slot,
                                 int64_t n_structures, int64_t n_max, const Tensor &gg_pos, const Tensor &gg_q,
-                                const Tensor &gg_k, const Tensor &gg_v)
+                                const Tensor &gg_k, const Tensor &gg_v, bool position_terms)
 {
   const char *op = "efa::pairwise_attention_backward (its derivative)";
   const Layout z = check_inputs(op, positions, queries, keys, values, omega, slot, n_structures, n_max);
@@ -363,8 +363,10 @@ SecondGrads double_backward_cpu(const Tensor &grad_y, const Tensor &positions, c
                       const scalar_t s = pair.s[m], ds = pair.ds[m];
                       a += c * s;
                       b += chat * s + c * ds * delta;
-                      alpha += (e * c + g * chat) * ds + g * c * pair.dds[m] * delta;
-                      beta += g * c * ds;
+                      if (position_terms) {
+                        alpha += (e * c + g * chat) * ds + g * c * pair.dds[m] * delta;
+                        beta += g * c * ds;
+                      }
                       const scalar_t rate = e * s + g * ds * delta;
                       for (int x = 0; x < 2; ++x) {
                         dqp[qi + x] += rate * kp[kj + x] + g * s * Gkp[kj + x];
@@ -375,7 +377,7 @@ SecondGrads double_backward_cpu(const Tensor &grad_y, const Tensor &positions, c
                       dgyp[i * d + c] += a * Gvp[j * d + c] + b * vp[j * d + c];
                       dvp[j * d + c] += b * gyp[i * d + c];
                     }
-                    if (i == j) return;
+                    if (i == j || !position_terms) return;
                     for (int x = 0; x < 3; ++x) {
                       const scalar_t t = alpha * pair.u[x] + beta * (shift[x] - delta * pair.u[x]) / pair.r;
                       dpp[3 * i + x] += t;
@@ -425,9 +427,12 @@ struct PairwiseBackward : public torch::autograd::Function<PairwiseBackward> {
     variable_list out(9);
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
+      // force training backpropagates to the parameters only: no gradient of the positions then
+      const bool positions = ctx->needs_input_grad(1);
       std::tie(out[0], out[1], out[2], out[3], out[4]) =
           double_backward_cpu(s[0], s[1], s[2], s[3], s[4], s[5], s[6], ctx->saved_data["n_structures"].toInt(),
-                              ctx->saved_data["n_max"].toInt(), grads[0], grads[1], grads[2], grads[3]);
+                              ctx->saved_data["n_max"].toInt(), grads[0], grads[1], grads[2], grads[3], positions);
+      if (!positions) out[1] = Tensor();
     }
     forbid_double_backward(kNoThirdDerivative, out, {grads[0], grads[1], grads[2], grads[3], s[0], s[1], s[2], s[3],
                                                      s[4]});

@@ -153,10 +153,10 @@ def test_symmetric_product_components_equal_the_symmetrised_outer_product():
     a, b = (torch.randn(7, 3, 5, dtype=torch.float64, generator=gen) for _ in range(2))
     full = 0.5 * (torch.einsum("nkc,nlc->nckl", a, b) + torch.einsum("nlc,nkc->nckl", a, b))
     rows, cols = [0, 1, 2, 0, 1, 2], [0, 1, 2, 1, 2, 0]  # xx, yy, zz, xy, yz, zx
-    expected = full[:, :, rows, cols]  # (N, C, 6)
+    expected = full[:, :, rows, cols].transpose(1, 2)  # (N, 6, C)
     assert torch.allclose(symmetric_product(a, b), expected, rtol=0, atol=1e-15)
     assert torch.allclose(torch.jit.script(symmetric_product)(a, b), expected, rtol=0, atol=1e-15)
     doubled = expected.clone()
-    doubled[:, :, 3:] *= 2.0
+    doubled[:, 3:] *= 2.0
     assert torch.allclose(symmetric_product(a, b, 1.0), doubled, rtol=0, atol=1e-15)
     assert not torch.allclose(symmetric_product(a, b), symmetric_product(a, b.flip(1)))  # negative control

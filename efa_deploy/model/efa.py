@@ -39,23 +39,12 @@ def frequencies(num_pairs: int, b_max: float, r_max: float) -> Tensor:
 
 
 def symmetric_product(a: Tensor, b: Tensor, off_diagonal: float = 0.5) -> Tensor:
-    """(a b^T + b a^T) / 2 of vectors (N, 3, C) as its 6 components xx, yy, zz, xy, yz, zx (N, C, 6);
+    """(a b^T + b a^T) / 2 of vectors (N, 3, C) as its 6 components xx, yy, zz, xy, yz, zx (N, 6, C);
     off_diagonal=1.0 doubles the last three, so that u^T Y w of a symmetric Y is the sum over
-    Y's components times those of symmetric_product(u, w, 1.0). One product of the 9 components
-    of a b^T with a constant (9, 6) map: few operations to differentiate twice."""
-    h = off_diagonal
-    components = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # rows: a b^T row-major; columns: components
-                               [0.0, 0.0, 0.0, h, 0.0, 0.0],
-                               [0.0, 0.0, 0.0, 0.0, 0.0, h],
-                               [0.0, 0.0, 0.0, h, 0.0, 0.0],
-                               [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
-                               [0.0, 0.0, 0.0, 0.0, h, 0.0],
-                               [0.0, 0.0, 0.0, 0.0, 0.0, h],
-                               [0.0, 0.0, 0.0, 0.0, h, 0.0],
-                               [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], dtype=a.dtype, device=a.device)
-    n, c = a.shape[0], a.shape[2]
-    outer = a.transpose(1, 2).unsqueeze(3) * b.transpose(1, 2).unsqueeze(2)  # (N, C, 3, 3)
-    return (outer.reshape(n * c, 9) @ components).reshape(n, c, 6)
+    Y's components times those of symmetric_product(u, w, 1.0). Products of equal shapes only: a
+    broadcast outer product is several times slower to differentiate twice."""
+    a_next, b_next = torch.roll(a, -1, dims=1), torch.roll(b, -1, dims=1)  # (y, z, x) components
+    return torch.cat([a * b, off_diagonal * (a * b_next + a_next * b)], dim=1)
 
 
 class EuclideanFastAttention(nn.Module):
@@ -122,7 +111,28 @@ class EuclideanFastAttention(nn.Module):
         self.register_buffer("omega", torch.cat([omega_s, omega_v.repeat(3)]))
         self.scale = 1.0 / math.sqrt(2 * self.omega.numel())
 
-    def _queries_keys(self, x: Tensor, vec: Tensor) -> tuple[Tensor, Tensor]:
+    def _vector_maps(self, vec: Tensor) -> List[Tensor]:
+        """The linear maps of the vector features (N, 3, F) the block uses, as one product: vector
+        queries, vector keys, vector values, their contraction maps, the tensor values' two factors,
+        their contraction maps ((N, 3, C) each, C = 0 where unused). One product leaves one gradient
+        of the vector features to accumulate instead of up to six."""
+        sizes: List[int] = [0, 0, self.value_vectors, self.value_vectors, 2 * self.value_tensors, 2 * self.value_tensors]
+        weights: List[Tensor] = []
+        if self.num_vector_frequencies > 0:
+            sizes[0] = self.vector_query.out_features
+            sizes[1] = self.vector_key.out_features
+            weights += [self.vector_query.weight, self.vector_key.weight]
+        vector_value, vector_contract = self.vector_value, self.vector_contract
+        if vector_value is not None and vector_contract is not None:
+            weights += [vector_value.weight, vector_contract.weight]
+        tensor_value, tensor_contract = self.tensor_value, self.tensor_contract
+        if tensor_value is not None and tensor_contract is not None:
+            weights += [tensor_value.weight, tensor_contract.weight]
+        if len(weights) == 0:
+            return [vec[:, :, :0] for _ in sizes]
+        return list(torch.split(torch.nn.functional.linear(vec, torch.cat(weights)), sizes, dim=2))
+
+    def _queries_keys(self, x: Tensor, maps: List[Tensor]) -> tuple[Tensor, Tensor]:
         """Complex channels (N, M, 2) of queries and keys, M = K + 3 Kv."""
         q = self.query(x)
         k = self.key(x)
@@ -131,37 +141,33 @@ class EuclideanFastAttention(nn.Module):
             k = torch.nn.functional.silu(k)
         n = x.shape[0]
         if self.num_vector_frequencies > 0:
-            q = torch.cat([q, self.vector_query(vec).reshape(n, 3 * self.vector_query.out_features)], dim=1)
-            k = torch.cat([k, self.vector_key(vec).reshape(n, 3 * self.vector_key.out_features)], dim=1)
+            q = torch.cat([q, maps[0].reshape(n, 3 * self.vector_query.out_features)], dim=1)
+            k = torch.cat([k, maps[1].reshape(n, 3 * self.vector_key.out_features)], dim=1)
         m = self.omega.numel()  # explicit sizes: N may be 0 (an empty MPI subdomain)
         return q.reshape(n, m, 2), k.reshape(n, m, 2)
 
-    def _values(self, x: Tensor, vec: Tensor) -> Tensor:
+    def _values(self, x: Tensor, maps: List[Tensor]) -> Tensor:
         """Value columns (N, Dv + 3 Cv + 6 Ct): scalars, then vectors, then symmetric tensors."""
         n = x.shape[0]
         columns = [self.value(x)]
-        vector_value = self.vector_value
-        if vector_value is not None:
-            columns.append(vector_value(vec).reshape(n, 3 * self.value_vectors))
-        tensor_value = self.tensor_value
-        if tensor_value is not None:
-            a, b = torch.split(tensor_value(vec), self.value_tensors, dim=2)
+        if self.value_vectors > 0:
+            columns.append(maps[2].reshape(n, 3 * self.value_vectors))
+        if self.value_tensors > 0:
+            a, b = torch.split(maps[4], self.value_tensors, dim=2)
             columns.append(symmetric_product(a, b).reshape(n, 6 * self.value_tensors))
         return torch.cat(columns, dim=1)
 
-    def _invariants(self, y: Tensor, vec: Tensor) -> Tensor:
+    def _invariants(self, y: Tensor, maps: List[Tensor]) -> Tensor:
         """Contract the transported vectors and tensors with i's own vectors: (N, Dv + Cv + Ct)."""
         n = y.shape[0]
         cv, ct = self.value_vectors, self.value_tensors
         scalars, vectors, tensors = torch.split(y, [self.value_dim, 3 * cv, 6 * ct], dim=1)
         out = [scalars]
-        vector_contract = self.vector_contract
-        if vector_contract is not None:
-            out.append(torch.sum(vectors.reshape(n, 3, cv) * vector_contract(vec), dim=1))
-        tensor_contract = self.tensor_contract
-        if tensor_contract is not None:
-            u, w = torch.split(tensor_contract(vec), ct, dim=2)
-            out.append(torch.sum(tensors.reshape(n, ct, 6) * symmetric_product(u, w, 1.0), dim=2))  # u^T Y w
+        if cv > 0:
+            out.append(torch.sum(vectors.reshape(n, 3, cv) * maps[3], dim=1))
+        if ct > 0:
+            u, w = torch.split(maps[5], ct, dim=2)
+            out.append(torch.sum(tensors.reshape(n, 6, ct) * symmetric_product(u, w, 1.0), dim=1))  # u^T Y w
         return torch.cat(out, dim=1)
 
     def forward(
@@ -172,17 +178,18 @@ class EuclideanFastAttention(nn.Module):
         global sums. `reciprocal`: the periodic form's (phase positions (N, 3), lattice indices
         (G, 3), weights (B, M, G)) of reciprocal.reciprocal_terms, which replace the positions,
         the Lebedev directions x frequencies and the grid weights."""
-        q, k = self._queries_keys(x, vec)
-        v = self._values(x, vec)
+        maps = self._vector_maps(vec)
+        q, k = self._queries_keys(x, maps)
+        v = self._values(x, maps)
         if self.exact:
             if reciprocal is not None:
-                return self._invariants(self._pairwise_periodic(q, k, v, reciprocal, batch, owned), vec)
-            return self._invariants(self._pairwise(q, k, v, positions, batch, owned), vec)
+                return self._invariants(self._pairwise_periodic(q, k, v, reciprocal, batch, owned), maps)
+            return self._invariants(self._pairwise(q, k, v, positions, batch, owned), maps)
         if n_structures == 0:
-            return self._invariants(v, vec)
+            return self._invariants(v, maps)
         slot, n_max = padded_slots(batch, n_structures)
         if self.training and n_max <= self.train_pairwise_max_atoms and reciprocal is None:
-            return self._invariants(self._pairwise_padded(q, k, v, positions, slot, n_structures, n_max, owned), vec)
+            return self._invariants(self._pairwise_padded(q, k, v, positions, slot, n_structures, n_max, owned), maps)
         # stage 1 (per-structure sums of this process's owned atoms), the global sum over MPI
         # ranks, stage 2 (queries contract the sums): erope.py. The fused operators recompute the
         # rotations in each stage; the reference shares one set of them (B, M, Nmax, 2, G).
@@ -223,7 +230,7 @@ class EuclideanFastAttention(nn.Module):
             y = shared_contract_queries(trig, q, kv, slot, n_structures, n_max)
         else:
             y = contract_queries(trig, q, kv, slot, n_structures, n_max)
-        return self._invariants(self.scale * y, vec)
+        return self._invariants(self.scale * y, maps)
 
     @torch.jit.unused
     def _pairwise_padded(
