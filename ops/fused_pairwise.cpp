@@ -173,10 +173,12 @@ Rows<T> rows_of(const Tensor &omega)
 template <typename T>
 struct Pair {
   T r = 0, u[3] = {0, 0, 0};
-  std::vector<T> s, ds, dds;            // per channel: s_m(r), ds_m/dr, d2s_m/dr2
+  // per real of the complex channels (each channel's value twice): s_m(r), ds_m/dr, d2s_m/dr2
+  std::vector<T> s, ds, dds;
   std::vector<T> sine, cosine, row[3];  // per row
 
-  Pair(int64_t channels, int64_t rows) : s(channels), ds(channels), dds(channels), sine(rows), cosine(rows)
+  Pair(int64_t channels, int64_t rows)
+      : s(2 * channels), ds(2 * channels), dds(2 * channels), sine(rows), cosine(rows)
   {
     for (auto &terms : row) terms.resize(rows);
   }
@@ -217,9 +219,9 @@ struct Pair {
         f = x < kSeriesBelow<T> ? series(x) : sinc_closed(sine[n], cosine[n], rows.inverse[n] * inverse_r);
       row[0][n] = f.s, row[1][n] = w * f.d1, row[2][n] = w * w * f.d2;
     }
-    for (size_t m = 0; m < s.size(); ++m) {
-      const int64_t n = rows.of[m];
-      s[m] = row[0][n], ds[m] = row[1][n], dds[m] = row[2][n];
+    for (size_t e = 0; e < s.size(); ++e) {
+      const int64_t n = rows.of[e / 2];
+      s[e] = row[0][n], ds[e] = row[1][n], dds[e] = row[2][n];
     }
   }
 };
@@ -250,6 +252,7 @@ template <typename T>
 T dot(const T *a, const T *b, int64_t n)
 {
   T sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t c = 0; c < n; ++c) sum += a[c] * b[c];
   return sum;
 }
@@ -268,9 +271,13 @@ Tensor forward_cpu(const Tensor &positions, const Tensor &queries, const Tensor 
     const int64_t m2 = 2 * z.channels, d = z.columns;
     for_each_pair(members, pos.data_ptr<scalar_t>(), rows_of<scalar_t>(omega),
                   [&](const Pair<scalar_t> &pair, int64_t i, int64_t j) {
+                    const scalar_t *__restrict__ qi = qp + i * m2, *__restrict__ kj = kp + j * m2;
+                    const scalar_t *__restrict__ vj = vp + j * d, *__restrict__ sp = pair.s.data();
+                    scalar_t *__restrict__ yi = yp + i * d;
                     scalar_t a = 0;
-                    for (int64_t m = 0; m < z.channels; ++m) a += dot(qp + i * m2 + 2 * m, kp + j * m2 + 2 * m, 2) * pair.s[m];
-                    for (int64_t c = 0; c < d; ++c) yp[i * d + c] += a * vp[j * d + c];
+                    _Pragma("omp simd reduction(+ : a)")
+                    for (int64_t e = 0; e < m2; ++e) a += qi[e] * kj[e] * sp[e];
+                    for (int64_t c = 0; c < d; ++c) yi[c] += a * vj[c];
                   });
   });
   return y;
@@ -297,22 +304,25 @@ Grads backward_cpu(const Tensor &grad_y, const Tensor &positions, const Tensor &
     const int64_t m2 = 2 * z.channels, d = z.columns;
     for_each_pair(members, pos.data_ptr<scalar_t>(), rows_of<scalar_t>(omega),
                   [&](const Pair<scalar_t> &pair, int64_t i, int64_t j) {
-                    const scalar_t g = dot(gyp + i * d, vp + j * d, d);
+                    const scalar_t *__restrict__ qi = qp + i * m2, *__restrict__ kj = kp + j * m2;
+                    const scalar_t *__restrict__ gyi = gyp + i * d, *__restrict__ vj = vp + j * d;
+                    const scalar_t *__restrict__ sp = pair.s.data(), *__restrict__ dsp = pair.ds.data();
+                    scalar_t *__restrict__ gqi = gqp + i * m2, *__restrict__ gkj = gkp + j * m2;
+                    scalar_t *__restrict__ gvj = gvp + j * d;
+                    const scalar_t g = dot(gyi, vj, d);
                     scalar_t a = 0, h = 0;
-                    for (int64_t m = 0; m < z.channels; ++m) {
-                      const scalar_t *qi = qp + i * m2 + 2 * m, *kj = kp + j * m2 + 2 * m;
-                      const scalar_t c = dot(qi, kj, 2);
-                      a += c * pair.s[m];
-                      h += c * pair.ds[m];
-                      for (int e = 0; e < 2; ++e) {
-                        gqp[i * m2 + 2 * m + e] += g * pair.s[m] * kj[e];
-                        gkp[j * m2 + 2 * m + e] += g * pair.s[m] * qi[e];
-                      }
+                    _Pragma("omp simd reduction(+ : a, h)")
+                    for (int64_t e = 0; e < m2; ++e) {
+                      const scalar_t c = qi[e] * kj[e];
+                      a += c * sp[e];
+                      h += c * dsp[e];
+                      gqi[e] += g * sp[e] * kj[e];
+                      gkj[e] += g * sp[e] * qi[e];
                     }
-                    for (int64_t c = 0; c < d; ++c) gvp[j * d + c] += a * gyp[i * d + c];
-                    for (int e = 0; e < 3; ++e) {
-                      gpp[3 * i + e] += g * h * pair.u[e];
-                      gpp[3 * j + e] -= g * h * pair.u[e];
+                    for (int64_t c = 0; c < d; ++c) gvj[c] += a * gyi[c];
+                    for (int x = 0; x < 3; ++x) {
+                      gpp[3 * i + x] += g * h * pair.u[x];
+                      gpp[3 * j + x] -= g * h * pair.u[x];
                     }
                   });
   });
@@ -349,35 +359,43 @@ SecondGrads double_backward_cpu(const Tensor &grad_y, const Tensor &positions, c
     const int64_t m2 = 2 * z.channels, d = z.columns;
     for_each_pair(members, pos.data_ptr<scalar_t>(), rows_of<scalar_t>(omega),
                   [&](const Pair<scalar_t> &pair, int64_t i, int64_t j) {
-                    const scalar_t g = dot(gyp + i * d, vp + j * d, d), e = dot(gyp + i * d, Gvp + j * d, d);
+                    const scalar_t *__restrict__ qi = qp + i * m2, *__restrict__ kj = kp + j * m2;
+                    const scalar_t *__restrict__ Gqi = Gqp + i * m2, *__restrict__ Gkj = Gkp + j * m2;
+                    const scalar_t *__restrict__ gyi = gyp + i * d, *__restrict__ vj = vp + j * d;
+                    const scalar_t *__restrict__ Gvj = Gvp + j * d;
+                    const scalar_t *__restrict__ sp = pair.s.data(), *__restrict__ dsp = pair.ds.data();
+                    const scalar_t *__restrict__ ddsp = pair.dds.data();
+                    scalar_t *__restrict__ dqi = dqp + i * m2, *__restrict__ dkj = dkp + j * m2;
+                    scalar_t *__restrict__ dgyi = dgyp + i * d, *__restrict__ dvj = dvp + j * d;
+                    scalar_t g = 0, e = 0;
+                    _Pragma("omp simd reduction(+ : g, e)")
+                    for (int64_t c = 0; c < d; ++c) g += gyi[c] * vj[c], e += gyi[c] * Gvj[c];
                     scalar_t shift[3], delta = 0;
                     for (int x = 0; x < 3; ++x) {
                       shift[x] = Gpp[3 * i + x] - Gpp[3 * j + x];
                       delta += pair.u[x] * shift[x];
                     }
-                    scalar_t a = 0, b = 0, alpha = 0, beta = 0;
-                    for (int64_t m = 0; m < z.channels; ++m) {
-                      const int64_t qi = i * m2 + 2 * m, kj = j * m2 + 2 * m;
-                      const scalar_t c = dot(qp + qi, kp + kj, 2);
-                      const scalar_t chat = dot(Gqp + qi, kp + kj, 2) + dot(qp + qi, Gkp + kj, 2);
-                      const scalar_t s = pair.s[m], ds = pair.ds[m];
-                      a += c * s;
-                      b += chat * s + c * ds * delta;
-                      if (position_terms) {
-                        alpha += (e * c + g * chat) * ds + g * c * pair.dds[m] * delta;
-                        beta += g * c * ds;
-                      }
-                      const scalar_t rate = e * s + g * ds * delta;
-                      for (int x = 0; x < 2; ++x) {
-                        dqp[qi + x] += rate * kp[kj + x] + g * s * Gkp[kj + x];
-                        dkp[kj + x] += rate * qp[qi + x] + g * s * Gqp[qi + x];
-                      }
+                    // sums over the reals of c = q_i k_j and chat = Gq_i k_j + q_i Gk_j times the sinc terms
+                    scalar_t cs = 0, cds = 0, cdds = 0, chats = 0, chatds = 0;
+                    _Pragma("omp simd reduction(+ : cs, cds, cdds, chats, chatds)")
+                    for (int64_t x = 0; x < m2; ++x) {
+                      const scalar_t c = qi[x] * kj[x], chat = Gqi[x] * kj[x] + qi[x] * Gkj[x];
+                      cs += c * sp[x];
+                      cds += c * dsp[x];
+                      chats += chat * sp[x];
+                      chatds += chat * dsp[x];
+                      cdds += c * ddsp[x];
+                      const scalar_t rate = e * sp[x] + g * dsp[x] * delta, gs = g * sp[x];
+                      dqi[x] += rate * kj[x] + gs * Gkj[x];
+                      dkj[x] += rate * qi[x] + gs * Gqi[x];
                     }
+                    const scalar_t a = cs, b = chats + cds * delta;
                     for (int64_t c = 0; c < d; ++c) {
-                      dgyp[i * d + c] += a * Gvp[j * d + c] + b * vp[j * d + c];
-                      dvp[j * d + c] += b * gyp[i * d + c];
+                      dgyi[c] += a * Gvj[c] + b * vj[c];
+                      dvj[c] += b * gyi[c];
                     }
                     if (i == j || !position_terms) return;
+                    const scalar_t alpha = e * cds + g * chatds + g * cdds * delta, beta = g * cds;
                     for (int x = 0; x < 3; ++x) {
                       const scalar_t t = alpha * pair.u[x] + beta * (shift[x] - delta * pair.u[x]) / pair.r;
                       dpp[3 * i + x] += t;

@@ -152,7 +152,7 @@ def test_training_validation_and_export_check_carry_the_charges(data_npz, tmp_pa
     indices = run.batch_indices(0)
     expected = [[run.train_set.structures[i].info[k] for k in ("charge", "spin")] for i in indices]
     np.testing.assert_array_equal(run.train_set.batch(indices).graph.charge_spin.numpy(), expected)
-    assert np.isfinite(run.train_step()[0]) and np.isfinite(evaluate(run.model, run.val_set)["energy_mae"])
+    assert np.isfinite(float(run.train_step()[0])) and np.isfinite(evaluate(run.model, run.val_set)["energy_mae"])
     run.save("last.ckpt")
     assert export_main([str(tmp_path / "run" / "last.ckpt"), "-o", str(tmp_path / "m.pt"), "--check"]) == 0
     assert read_metadata(tmp_path / "m.pt")["global_inputs"] == ["charge", "spin"]
