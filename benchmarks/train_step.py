@@ -118,8 +118,8 @@ def main() -> None:
     args.output.write_text(json.dumps(report, indent=1))
     lines = [f"# Training step, EFA vs local {args.label}", "",
              f"batch {args.batch} molecules of 10-20 atoms ({min(atoms)}-{max(atoms)} atoms per batch), "
-             f"{BACKBONE}, float32, 1 thread; {args.rounds} interleaved rounds of {args.steps} steps: the fastest round, "
-             "and the median over rounds of the ratio to the local step in the same round",
+             f"{BACKBONE}, float32, 1 thread; {args.rounds} interleaved rounds of {args.steps} steps: the fastest "
+             "round, and the median over rounds of the ratio to the local step in the same round",
              "", "| variant | step (ms) | / local |", "|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio_to_local']:.2f}x" if r["ratio_to_local"] else "-"

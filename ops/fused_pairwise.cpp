@@ -9,8 +9,8 @@
 //
 // Force training differentiates the forces, themselves a derivative: the backward is the operator
 // efa::pairwise_attention_backward, whose own backward is the Hessian-vector product of
-// L = sum_i gy_i . y_i below. All three passes visit each ordered pair once and keep nothing per
-// pair; a third derivative raises. Atoms are addressed through the padded layout of
+// L = sum_i gy_i . y_i below. Each pass visits every unordered pair once (the sinc terms of (i, j)
+// serve (j, i)) and keeps nothing per pair; a third derivative raises. Atoms are addressed through the padded layout of
 // erope.padded_slots: atom i sits in structure slot_i / n_max.
 #include <torch/library.h>
 #include <torch/torch.h>
@@ -210,7 +210,10 @@ struct Pair {
         cosine[n] = cosine[n - 1] * step_cos - sine[n - 1] * step_sin;
       }
     } else {
-      for (size_t n = 0; n < n_rows; ++n) sine[n] = std::sin(rows.omega[n] * r), cosine[n] = std::cos(rows.omega[n] * r);
+      for (size_t n = 0; n < n_rows; ++n) {
+        sine[n] = std::sin(rows.omega[n] * r);
+        cosine[n] = std::cos(rows.omega[n] * r);
+      }
     }
     for (size_t n = 0; n < n_rows; ++n) {
       const T w = rows.omega[n], x = w * r;
@@ -346,7 +349,9 @@ SecondGrads double_backward_cpu(const Tensor &grad_y, const Tensor &positions, c
   const Members members = members_of(op, slot, z);
   const Tensor pos = positions.contiguous(), q = queries.contiguous(), k = keys.contiguous(), v = values.contiguous();
   const Tensor gy = grad_y.contiguous();
-  auto or_zeros = [](const Tensor &t, const Tensor &like) { return t.defined() ? t.contiguous() : at::zeros_like(like); };
+  auto or_zeros = [](const Tensor &t, const Tensor &like) {
+    return t.defined() ? t.contiguous() : at::zeros_like(like);
+  };
   const Tensor Gp = or_zeros(gg_pos, pos), Gq = or_zeros(gg_q, q), Gk = or_zeros(gg_k, k), Gv = or_zeros(gg_v, v);
   Tensor dgy = at::zeros_like(gy), dpos = at::zeros_like(pos), dq = at::zeros_like(q), dk = at::zeros_like(k);
   Tensor dv = at::zeros_like(v);

@@ -116,7 +116,8 @@ class EuclideanFastAttention(nn.Module):
         queries, vector keys, vector values, their contraction maps, the tensor values' two factors,
         their contraction maps ((N, 3, C) each, C = 0 where unused). One product leaves one gradient
         of the vector features to accumulate instead of up to six."""
-        sizes: List[int] = [0, 0, self.value_vectors, self.value_vectors, 2 * self.value_tensors, 2 * self.value_tensors]
+        cv, ct = self.value_vectors, self.value_tensors
+        sizes: List[int] = [0, 0, cv, cv, 2 * ct, 2 * ct]
         weights: List[Tensor] = []
         if self.num_vector_frequencies > 0:
             sizes[0] = self.vector_query.out_features
@@ -244,7 +245,8 @@ class EuclideanFastAttention(nn.Module):
             pos = pad(positions, slot, n_structures, n_max)
             real = torch.zeros(n_structures * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
             real = real.reshape(n_structures, n_max)
-            r2 = torch.sum((pos.unsqueeze(2) - pos.unsqueeze(1)).square(), dim=-1) * real.unsqueeze(2) * real.unsqueeze(1)
+            r2 = torch.sum((pos.unsqueeze(2) - pos.unsqueeze(1)).square(), dim=-1)
+            r2 = r2 * real.unsqueeze(2) * real.unsqueeze(1)
             too_far = bool(torch.any(r2 > self.r_max ** 2))
         if too_far:
             raise ValueError(
