@@ -11,6 +11,8 @@ ratio the median over rounds of its time over the local model's time in the same
 
 Usage:  taskset -c 1 python benchmarks/train_step.py          (about 1 minute)
         python benchmarks/train_step.py --label before --output /tmp/before.json
+        python benchmarks/train_step.py --device cuda --batch 64 --largest-batch   (a GPU: the step
+            time there, then the largest batch of these molecules one step fits in, by doubling)
 Writes benchmarks/results/train_step.md and .json.
 """
 
@@ -60,23 +62,36 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="steps per variant and round")
     parser.add_argument("--variants", nargs="*", help="names of VARIANTS to run (default: all that this version knows)")
     parser.add_argument("--label", default="")
-    parser.add_argument("--output", type=Path, default=RESULTS / "train_step.json")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
+    parser.add_argument("--largest-batch", action="store_true",
+                        help="then double the batch until a step no longer fits in the GPU's memory")
+    parser.add_argument("--output", type=Path, help="default: results/train_step[_cuda].json")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = RESULTS / ("train_step.json" if args.device == "cpu" else f"train_step_{args.device}.json")
+    if args.largest_batch and args.device != "cuda":
+        parser.error("--largest-batch searches a GPU's memory: use it with --device cuda")
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     from efa_deploy.graph import batch_graph
     from efa_deploy.model import ModelConfig, build_model, energy_and_forces
     from efa_deploy.ops import set_malloc_policy
     from efa_deploy.training.train import TRAINING_MALLOC_POLICY
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     set_malloc_policy(TRAINING_MALLOC_POLICY)  # as efa-train
     rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(4):
-        structures = [random_molecule(rng, int(rng.integers(10, 21))) for _ in range(args.batch)]
-        graph = batch_graph(structures, [1, 6, 8], BACKBONE["cutoff"], torch.float32)
+    pool = [random_molecule(rng, int(rng.integers(10, 21))) for _ in range(64)]
+
+    def make_batch(size: int, offset: int):
+        structures = [pool[(offset + i) % len(pool)] for i in range(size)]
+        graph = batch_graph(structures, [1, 6, 8], BACKBONE["cutoff"], torch.float32).to(device)
         n = graph.positions.shape[0]
-        batches.append((graph, torch.randn(args.batch), torch.randn(n, 3)))
+        return graph, torch.randn(size, device=device), torch.randn(n, 3, device=device)
+
+    batches = [make_batch(args.batch, 17 * b) for b in range(4)]
     known = set(ModelConfig.__dataclass_fields__)
     names = args.variants or [k for k, v in VARIANTS.items() if set(v) <= known]
 
@@ -84,10 +99,11 @@ def main() -> None:
     for name in names:
         torch.manual_seed(0)
         model = build_model(ModelConfig(atomic_numbers=[1, 6, 8], **BACKBONE, **VARIANTS[name]), torch.float32)
+        model.to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
 
-        def step(model=model, optimizer=optimizer, counter=[0]):
-            graph, energy_ref, forces_ref = batches[counter[0] % len(batches)]
+        def step(model=model, optimizer=optimizer, counter=[0], batch=None):
+            graph, energy_ref, forces_ref = batch or batches[counter[0] % len(batches)]
             counter[0] += 1
             energy, forces, _ = energy_and_forces(model, *graph.inputs(), create_graph=True)
             loss = 0.01 * (energy - energy_ref).square().mean() + 0.99 * (forces - forces_ref).square().mean()
@@ -102,28 +118,62 @@ def main() -> None:
     times = {name: [] for name in names}  # mean step time of every round
     for _ in range(args.rounds):
         for name in names:
+            sync()
             start = time.perf_counter()
             for _ in range(args.steps):
                 runners[name]()
+            sync()
             times[name].append((time.perf_counter() - start) / args.steps)
     # the ratio to the local step of the same round: a load change on a shared machine hits both
     rows = [{"variant": k, "step_ms": 1e3 * min(v),
              "ratio_to_local": float(np.median(np.array(v) / np.array(times["local"]))) if "local" in times else None}
             for k, v in times.items()]
+    largest = {}
+    if args.largest_batch:
+        for name in names:  # the largest batch one step fits in, and that step's time
+            size, fits = args.batch, None
+            while size <= 2 ** 20:
+                try:
+                    batch = make_batch(size, 0)
+                    runners[name](batch=batch)
+                    sync()
+                    start = time.perf_counter()
+                    runners[name](batch=batch)
+                    sync()
+                    fits = {"structures": size, "atoms": int(batch[0].positions.shape[0]),
+                            "step_ms": 1e3 * (time.perf_counter() - start)}
+                except torch.cuda.OutOfMemoryError:
+                    break
+                finally:
+                    batch = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                size *= 2
+            largest[name] = fits
+            print(f"{name}: largest batch {fits}")
     atoms = [int(g.positions.shape[0]) for g, _, _ in batches]
+    machine = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        machine = torch.cuda.get_device_name(device)
     report = {"label": args.label, "batch": args.batch, "atoms_per_batch": atoms, "backbone": BACKBONE,
-              "dtype": "float32", "threads": 1, "rounds": args.rounds, "steps_per_round": args.steps,
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "rows": rows}
+              "dtype": "float32", "device": args.device, "threads": args.threads, "rounds": args.rounds,
+              "steps_per_round": args.steps, "machine": machine, "torch": torch.__version__, "rows": rows,
+              "largest_batch": largest}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1))
-    lines = [f"# Training step, EFA vs local {args.label}", "",
+    lines = [f"# Training step, EFA vs local {args.label}", "", f"{machine}, device {args.device}", "",
              f"batch {args.batch} molecules of 10-20 atoms ({min(atoms)}-{max(atoms)} atoms per batch), "
-             f"{BACKBONE}, float32, 1 thread; {args.rounds} interleaved rounds of {args.steps} steps: the fastest "
-             "round, and the median over rounds of the ratio to the local step in the same round",
+             f"{BACKBONE}, float32, {args.threads} thread(s); {args.rounds} interleaved rounds of {args.steps} steps: "
+             "the fastest round, and the median over rounds of the ratio to the local step in the same round",
              "", "| variant | step (ms) | / local |", "|---|---|---|"]
     for r in rows:
         ratio = f"{r['ratio_to_local']:.2f}x" if r["ratio_to_local"] else "-"
         lines.append(f"| {r['variant']} | {r['step_ms']:.1f} | {ratio} |")
+    if largest:
+        lines += ["", "| variant | largest batch (structures) | atoms | step (ms) |", "|---|---|---|---|"]
+        for name, fits in largest.items():
+            if fits:
+                lines.append(f"| {name} | {fits['structures']} | {fits['atoms']} | {fits['step_ms']:.1f} |")
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

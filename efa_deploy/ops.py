@@ -43,7 +43,7 @@ MESH_SCHEMAS = {
     "mesh_gather": "mesh_gather(Tensor u, Tensor grid, Tensor offset, int[] mesh, int order) -> Tensor",
 }
 PAIRWISE_SCHEMA = ("pairwise_attention(Tensor positions, Tensor queries, Tensor keys, Tensor values, Tensor omega, "
-                   "Tensor slot, int n_structures, int n_max) -> Tensor")
+                   "Tensor slot, int n_structures, int n_max, float r_max) -> Tensor")
 
 _loaded = False
 _library = None  # keeps the pure-torch registrations alive

@@ -138,6 +138,26 @@ Members members_of(const char *op, const Tensor &slot_in, const Layout &z)
   return m;
 }
 
+// Two atoms of a structure more than r_max apart: the grid form the model is exported with would
+// alias them (the same message as efa_deploy/model/pairwise.py's reference).
+template <typename T>
+void check_extent(const Members &members, const T *p, double r_max)
+{
+  double farthest = 0;
+  for (size_t b = 0; b + 1 < members.first.size(); ++b)
+    for (int64_t a = members.first[b]; a < members.first[b + 1]; ++a)
+      for (int64_t c = a + 1; c < members.first[b + 1]; ++c) {
+        const int64_t i = members.atoms[a], j = members.atoms[c];
+        double r2 = 0;
+        for (int x = 0; x < 3; ++x) r2 += double(p[3 * i + x] - p[3 * j + x]) * double(p[3 * i + x] - p[3 * j + x]);
+        farthest = std::max(farthest, r2);
+      }
+  farthest = std::sqrt(farthest);
+  TORCH_CHECK_VALUE(farthest <= r_max, "efa::pairwise_attention: a training structure has atoms ", farthest,
+                    " A apart, more than r_max = ", r_max, " A: the grid form (validation, export, MD) would alias "
+                    "them; raise model.r_max or set model.train_pairwise_max_atoms: 0");
+}
+
 // The channels' distinct frequencies (rows) and each channel's row: on a ladder (frequencies.h)
 // the rows are the multiples 0 .. top of the base, whose sin/cos follow from one pair of them.
 template <typename T>
@@ -261,7 +281,7 @@ T dot(const T *a, const T *b, int64_t n)
 }
 
 Tensor forward_cpu(const Tensor &positions, const Tensor &queries, const Tensor &keys, const Tensor &values,
-                   const Tensor &omega, const Tensor &slot, int64_t n_structures, int64_t n_max)
+                   const Tensor &omega, const Tensor &slot, int64_t n_structures, int64_t n_max, double r_max)
 {
   const char *op = "efa::pairwise_attention";
   const Layout z = check_inputs(op, positions, queries, keys, values, omega, slot, n_structures, n_max);
@@ -272,6 +292,7 @@ Tensor forward_cpu(const Tensor &positions, const Tensor &queries, const Tensor 
     const scalar_t *qp = q.data_ptr<scalar_t>(), *kp = k.data_ptr<scalar_t>(), *vp = v.data_ptr<scalar_t>();
     scalar_t *yp = y.data_ptr<scalar_t>();
     const int64_t m2 = 2 * z.channels, d = z.columns;
+    check_extent(members, pos.data_ptr<scalar_t>(), r_max);
     for_each_pair(members, pos.data_ptr<scalar_t>(), rows_of<scalar_t>(omega),
                   [&](const Pair<scalar_t> &pair, int64_t i, int64_t j) {
                     const scalar_t *__restrict__ qi = qp + i * m2, *__restrict__ kj = kp + j * m2;
@@ -412,7 +433,7 @@ SecondGrads double_backward_cpu(const Tensor &grad_y, const Tensor &positions, c
 }
 
 Tensor forward_meta(const Tensor &, const Tensor &, const Tensor &, const Tensor &values, const Tensor &,
-                    const Tensor &, int64_t, int64_t)
+                    const Tensor &, int64_t, int64_t, double)
 {
   return at::empty_like(values);
 }
@@ -424,7 +445,7 @@ Grads backward_meta(const Tensor &, const Tensor &positions, const Tensor &queri
 }
 
 using ForwardSignature = Tensor(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
-                                const Tensor &, int64_t, int64_t);
+                                const Tensor &, int64_t, int64_t, double);
 using BackwardSignature = Grads(const Tensor &, const Tensor &, const Tensor &, const Tensor &, const Tensor &,
                                 const Tensor &, const Tensor &, int64_t, int64_t);
 
@@ -466,14 +487,14 @@ struct PairwiseBackward : public torch::autograd::Function<PairwiseBackward> {
 struct PairwiseAttention : public torch::autograd::Function<PairwiseAttention> {
   static Tensor forward(AutogradContext *ctx, const Tensor &positions, const Tensor &queries, const Tensor &keys,
                         const Tensor &values, const Tensor &omega, const Tensor &slot, int64_t n_structures,
-                        int64_t n_max)
+                        int64_t n_max, double r_max)
   {
     static const auto op = typed_op<ForwardSignature>("efa::pairwise_attention");
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->save_for_backward({positions, queries, keys, values, omega, slot});
     ctx->saved_data["n_structures"] = n_structures;
     ctx->saved_data["n_max"] = n_max;
-    return op.call(positions, queries, keys, values, omega, slot, n_structures, n_max);
+    return op.call(positions, queries, keys, values, omega, slot, n_structures, n_max, r_max);
   }
 
   // through the dispatcher's autograd key, so that the gradients are differentiable again
@@ -481,7 +502,7 @@ struct PairwiseAttention : public torch::autograd::Function<PairwiseAttention> {
   {
     static const auto op = typed_op<BackwardSignature>("efa::pairwise_attention_backward");
     const variable_list s = ctx->get_saved_variables();
-    variable_list out(8);
+    variable_list out(9);
     if (!grads[0].defined()) return out;
     std::tie(out[0], out[1], out[2], out[3]) = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5],
                                                        ctx->saved_data["n_structures"].toInt(),
@@ -491,9 +512,9 @@ struct PairwiseAttention : public torch::autograd::Function<PairwiseAttention> {
 };
 
 Tensor forward_autograd(const Tensor &positions, const Tensor &queries, const Tensor &keys, const Tensor &values,
-                        const Tensor &omega, const Tensor &slot, int64_t n_structures, int64_t n_max)
+                        const Tensor &omega, const Tensor &slot, int64_t n_structures, int64_t n_max, double r_max)
 {
-  return PairwiseAttention::apply(positions, queries, keys, values, omega, slot, n_structures, n_max);
+  return PairwiseAttention::apply(positions, queries, keys, values, omega, slot, n_structures, n_max, r_max);
 }
 
 Grads backward_autograd(const Tensor &grad_y, const Tensor &positions, const Tensor &queries, const Tensor &keys,
@@ -510,7 +531,7 @@ Grads backward_autograd(const Tensor &grad_y, const Tensor &positions, const Ten
 TORCH_LIBRARY_FRAGMENT(efa, m)
 {
   m.def("pairwise_attention(Tensor positions, Tensor queries, Tensor keys, Tensor values, Tensor omega, Tensor slot, "
-        "int n_structures, int n_max) -> Tensor");
+        "int n_structures, int n_max, float r_max) -> Tensor");
   m.def("pairwise_attention_backward(Tensor grad_y, Tensor positions, Tensor queries, Tensor keys, Tensor values, "
         "Tensor omega, Tensor slot, int n_structures, int n_max) -> (Tensor, Tensor, Tensor, Tensor)");
 }

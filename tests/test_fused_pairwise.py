@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so 
 LADDER = torch.cat([frequencies(6, math.pi, 10.0), frequencies(3, math.pi, 10.0).repeat(3)]).double()
 UNEVEN = torch.cat([frequencies(4, math.pi, 10.0), torch.tensor([0.37, 2.5, 0.37])]).double()
 OMEGA = UNEVEN
+R_MAX = 12.0  # the random structures below are at most 6 sqrt(3) A across
 
 
 def inputs(sizes=(5, 1, 7), seed=0, close_pair=True, omega=OMEGA):
@@ -38,7 +39,7 @@ def inputs(sizes=(5, 1, 7), seed=0, close_pair=True, omega=OMEGA):
     batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
     slot, n_max = padded_slots(batch, len(sizes))
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
-    return [positions, rand(n, m, 2), rand(n, m, 2), rand(n, 4)], (omega, slot, len(sizes), n_max)
+    return [positions, rand(n, m, 2), rand(n, m, 2), rand(n, 4)], (omega, slot, len(sizes), n_max, R_MAX)
 
 
 def first_and_second(op, leaves, constants, seed=1):
@@ -61,7 +62,7 @@ def test_operator_equals_reference_with_first_and_second_derivatives(sizes, omeg
     if 0 in sizes:  # an empty structure in the middle: slots of structure 2 follow an empty one
         batch = torch.tensor([0] * 3 + [2] * 4)
         slot, n_max = padded_slots(batch, 3)
-        constants = (omega, slot, 3, n_max)
+        constants = (omega, slot, 3, n_max, R_MAX)
     fused = first_and_second(torch.ops.efa.pairwise_attention, leaves, constants)
     reference = first_and_second(pairwise_attention_reference, leaves, constants)
     assert_close(fused, reference)
@@ -98,13 +99,25 @@ def test_a_third_derivative_raises():
 
 
 def test_bad_inputs_raise_clear_errors():
-    (positions, q, k, v), (omega, slot, b, n_max) = inputs((3, 4))
+    (positions, q, k, v), (omega, slot, b, n_max, r_max) = inputs((3, 4))
     with pytest.raises(RuntimeError, match="keys must have the queries' shape"):
-        torch.ops.efa.pairwise_attention(positions, q, k[:, :2], v, omega, slot, b, n_max)
+        torch.ops.efa.pairwise_attention(positions, q, k[:, :2], v, omega, slot, b, n_max, r_max)
     with pytest.raises(RuntimeError, match="one frequency per channel"):
-        torch.ops.efa.pairwise_attention(positions, q, k, v, omega[:2], slot, b, n_max)
+        torch.ops.efa.pairwise_attention(positions, q, k, v, omega[:2], slot, b, n_max, r_max)
     with pytest.raises(RuntimeError, match="shared with another atom"):
-        torch.ops.efa.pairwise_attention(positions, q, k, v, omega, torch.zeros_like(slot), b, n_max)
+        torch.ops.efa.pairwise_attention(positions, q, k, v, omega, torch.zeros_like(slot), b, n_max, r_max)
+
+
+@pytest.mark.parametrize("op", [torch.ops.efa.pairwise_attention, pairwise_attention_reference],
+                         ids=["operator", "reference"])
+def test_atoms_farther_apart_than_r_max_are_refused(op):
+    """The grid form a model is exported with would alias them; a structure that fits passes, one
+    whose farthest pair is 1e-6 beyond r_max is refused, naming the distance and the fix."""
+    (positions, q, k, v), (omega, slot, b, n_max, _) = inputs((3, 4), close_pair=False)
+    farthest = max(float(torch.cdist(part, part).max()) for part in (positions[:3], positions[3:]))
+    op(positions, q, k, v, omega, slot, b, n_max, farthest + 1e-6)
+    with pytest.raises(ValueError, match=r"atoms .* apart, more than r_max = .*model.train_pairwise_max_atoms: 0"):
+        op(positions, q, k, v, omega, slot, b, n_max, farthest - 1e-6)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(value_tensors=2, num_vector_frequencies=2, value_vectors=2)],

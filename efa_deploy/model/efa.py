@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  (registers torch.ops.efa)
-from .erope import (contract_queries, pad, padded_phases, padded_slots, shared_contract_queries, shared_phases,
+from .erope import (contract_queries, padded_phases, padded_slots, shared_contract_queries, shared_phases,
                     shared_sum_keys_values, sum_keys_values)
 from .lebedev import lebedev_grid
 from .mesh import mesh_key_value_sums, mesh_query_contraction
@@ -239,25 +239,13 @@ class EuclideanFastAttention(nn.Module):
         owned: Tensor,
     ) -> Tensor:
         """The pairwise form batched over structures: efa::pairwise_attention (ops/fused_pairwise.cpp)
-        on the CPU, its reference elsewhere. Training only: model files (scripted, for inference)
-        leave it out, so they need no operator for it."""
-        with torch.no_grad():  # pairs of real atoms (not padding) more than r_max apart
-            pos = pad(positions, slot, n_structures, n_max)
-            real = torch.zeros(n_structures * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
-            real = real.reshape(n_structures, n_max)
-            r2 = torch.sum((pos.unsqueeze(2) - pos.unsqueeze(1)).square(), dim=-1)
-            r2 = r2 * real.unsqueeze(2) * real.unsqueeze(1)
-            too_far = bool(torch.any(r2 > self.r_max ** 2))
-        if too_far:
-            raise ValueError(
-                "a training structure has atoms more than r_max = {} A apart: the grid form (validation, export, "
-                "MD) would alias it; raise model.r_max or set model.train_pairwise_max_atoms: 0".format(self.r_max)
-            )
+        on the CPU, its reference elsewhere; both refuse atoms more than r_max apart. Training only:
+        model files (scripted, for inference) leave it out, so they need no operator for it."""
         args = (positions, q, k * owned.reshape(-1, 1, 1), v, self.omega, slot)
         if positions.device.type == "cpu":
-            y = torch.ops.efa.pairwise_attention(*args, n_structures, n_max)
+            y = torch.ops.efa.pairwise_attention(*args, n_structures, n_max, self.r_max)
         else:
-            y = pairwise_attention_reference(*args, n_structures, n_max)
+            y = pairwise_attention_reference(*args, n_structures, n_max, self.r_max)
         return self.scale * y
 
     def _pairwise_periodic(self, q: Tensor, k: Tensor, v: Tensor, reciprocal: Tuple[Tensor, Tensor, Tensor],
