@@ -63,6 +63,8 @@ bench.BENCHMARKS = {
         variants={"local": ["--no-efa", "--set", "model.periodic_efa=false"],
                   "local-6A": ["--no-efa", "--set", "model.periodic_efa=false", "--set", "model.cutoff=6.0"],
                   "efa": ["--efa"],
+                  # a quarter of the mesh work: 4 frequency channels x 8 values (benchmarks/periodic_step.py --small)
+                  "efa-small": ["--efa", "--set", "model.num_frequencies=4", "--set", "model.value_dim=8"],
                   # the periodic form with its k = 0 term (the first form; model.k_zero in docs/design.md)
                   "efa-k0": ["--efa", "--set", "model.k_zero=true"],
                   "efa-k0-k1.0": ["--efa", "--set", "model.k_zero=true", "--set", "model.k_max=1.0"],
