@@ -32,8 +32,10 @@ RESULTS = REPO / "benchmarks" / "results"
 SIZES = {"1e3": (3, 2, 2), "3e3": (4, 3, 3), "1e4": (5, 5, 6), "1e5": (11, 11, 11)}
 VARIANTS = ("local", "efa-direct", "efa-mesh")
 # --variants may also name efa-direct-small / efa-mesh-small: a quarter of the block (4 frequency
-# channels x 8 values, examples/periodic/run.py's efa-small), a quarter of the mesh work
-SMALL = dict(num_frequencies=4, value_dim=8)
+# channels x 8 values, examples/periodic/run.py's efa-small), a quarter of the mesh work; and
+# *-tiny: 4 x 4 (run.py's efa-tiny)
+BLOCKS = {"": dict(num_frequencies=8, value_dim=16), "-small": dict(num_frequencies=4, value_dim=8),
+          "-tiny": dict(num_frequencies=4, value_dim=4)}
 
 
 def status_kb(key: str) -> int:
@@ -52,12 +54,12 @@ def measure(variant: str, size: str, repeats: int) -> dict:
     from efa_deploy.model import ModelConfig, build_model, energy_forces_stress, use_fused
 
     torch.set_num_threads(1)
-    block = SMALL if variant.endswith("-small") else dict(num_frequencies=8, value_dim=16)
-    variant = variant.removesuffix("-small")
+    suffix = next((k for k in BLOCKS if k and variant.endswith(k)), "")
+    variant = variant.removesuffix(suffix)
     frame = read(REPO / "examples" / "periodic" / "data" / "water_ions_gfn1.extxyz", index=0)
     atoms = frame * SIZES[size]
     config = ModelConfig(atomic_numbers=[1, 8, 11, 17], features=32, num_layers=2, cutoff=4.5, num_radial=16,
-                         use_efa=variant != "local", periodic_efa=variant != "local", k_max=1.5, **block)
+                         use_efa=variant != "local", periodic_efa=variant != "local", k_max=1.5, **BLOCKS[suffix])
     torch.manual_seed(0)
     model = use_fused(build_model(config, torch.float32).eval(), True)
     for p in model.parameters():
@@ -79,7 +81,7 @@ def measure(variant: str, size: str, repeats: int) -> dict:
         if r > 0:
             times.append(time.process_time() - t0)
     peak = status_kb("VmHWM:")
-    return {"variant": variant + ("-small" if block is SMALL else ""), "size": size, "atoms": len(atoms),
+    return {"variant": variant + suffix, "size": size, "atoms": len(atoms),
             "edges": int(graph.edge_index.shape[1]),
             "kvectors": kvectors, "mesh": mesh, "seconds": min(times),
             "us_per_atom": 1e6 * min(times) / len(atoms), "kb_per_atom": (peak - rss_before) / len(atoms),

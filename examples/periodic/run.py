@@ -65,6 +65,7 @@ bench.BENCHMARKS = {
                   "efa": ["--efa"],
                   # a quarter of the mesh work: 4 frequency channels x 8 values (benchmarks/periodic_step.py --small)
                   "efa-small": ["--efa", "--set", "model.num_frequencies=4", "--set", "model.value_dim=8"],
+                  "efa-tiny": ["--efa", "--set", "model.num_frequencies=4", "--set", "model.value_dim=4"],
                   # the periodic form with its k = 0 term (the first form; model.k_zero in docs/design.md)
                   "efa-k0": ["--efa", "--set", "model.k_zero=true"],
                   "efa-k0-k1.0": ["--efa", "--set", "model.k_zero=true", "--set", "model.k_max=1.0"],
