@@ -267,6 +267,6 @@ class EuclideanFastAttention(nn.Module):
         reference, over all N x N pairs at once."""
         n = positions.shape[0]
         same = (batch.unsqueeze(1) == batch.unsqueeze(0)).to(v.dtype)
-        kernel = sinc_kernel(positions, same * (1.0 - torch.eye(n, dtype=v.dtype, device=v.device)), self.omega)
+        kernel, _ = sinc_kernel(positions, same * (1.0 - torch.eye(n, dtype=v.dtype, device=v.device)), self.omega)
         qk = torch.einsum("imc,jmc->mij", q, k)
         return self.scale * (torch.sum(qk * kernel, dim=0) * same * owned.unsqueeze(0)) @ v

@@ -8,6 +8,8 @@ small structures (model.train_pairwise_max_atoms) through efa::pairwise_attentio
 registration when the library is not built (ops.py).
 """
 
+from typing import Tuple
+
 import torch
 from torch import Tensor
 
@@ -20,9 +22,9 @@ def extent_error(distance: float, r_max: float) -> str:
             "model.train_pairwise_max_atoms: 0".format(distance, r_max))
 
 
-def sinc_kernel(pos: Tensor, pairs: Tensor, omega: Tensor) -> Tensor:
+def sinc_kernel(pos: Tensor, pairs: Tensor, omega: Tensor) -> Tuple[Tensor, Tensor]:
     """sinc(omega_m r_ij) of positions (..., n, 3) as (..., M, n, n): 1 on i = j, 0 where
-    pairs (..., n, n) is 0."""
+    pairs (..., n, n) is 0; and the squared distances (..., n, n)."""
     m, n = omega.numel(), pos.shape[-2]
     with torch.no_grad():
         eye = torch.eye(n, dtype=pos.dtype, device=pos.device)
@@ -36,7 +38,7 @@ def sinc_kernel(pos: Tensor, pairs: Tensor, omega: Tensor) -> Tensor:
     diff = pos.unsqueeze(-2) - pos.unsqueeze(-3)
     r2 = torch.sum(diff * diff, dim=-1)
     x = torch.addcmul(still, torch.sqrt(r2 + r_offset).unsqueeze(-3), omega)  # omega_m r_ij
-    return torch.sin(x) / x * sinc_mask + base
+    return torch.sin(x) / x * sinc_mask + base, r2
 
 
 def pairwise_attention_reference(positions: Tensor, queries: Tensor, keys: Tensor, values: Tensor, omega: Tensor,
@@ -52,11 +54,10 @@ def pairwise_attention_reference(positions: Tensor, queries: Tensor, keys: Tenso
         real = torch.zeros(b * n_max, dtype=pos.dtype, device=pos.device).index_fill_(0, slot, 1.0)
         real = real.reshape(b, 1, n_max)
         pairs = real.transpose(1, 2) * real * (1.0 - torch.eye(n_max, dtype=pos.dtype, device=pos.device))
-        r2 = torch.sum((pos.unsqueeze(2) - pos.unsqueeze(1)).square(), dim=-1) * pairs
-        farthest = float(torch.sqrt(torch.max(r2))) if r2.numel() > 0 else 0.0
+    kernel, r2 = sinc_kernel(pos, pairs, omega)  # (B, M, Nmax, Nmax), (B, Nmax, Nmax)
+    farthest = float(torch.sqrt(torch.max(r2.detach() * pairs))) if pairs.numel() > 0 else 0.0
     if farthest > r_max:
         raise ValueError(extent_error(farthest, r_max))
-    kernel = sinc_kernel(pos, pairs, omega)  # (B, M, Nmax, Nmax)
     qp = qp.reshape(b, n_max, m, 2).transpose(1, 2)  # (B, M, Nmax, 2)
     kp = kp.reshape(b, n_max, m, 2).permute(0, 2, 3, 1)  # (B, M, 2, Nmax)
     attention = torch.sum((qp @ kp) * kernel, dim=1)  # (B, Nmax, Nmax)
