@@ -259,7 +259,7 @@ def test_first_order_stage_two_equals_the_second_order_one_in_value_and_gradient
 fused_ops = pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
 
 
-def spread_gather_inputs(seed: int = 3):
+def spread_gather_inputs(seed: int = 3, channels: int = 5):
     g = torch.Generator().manual_seed(seed)
     mesh, structures = [9, 8, 10], 2
     n = 23
@@ -267,15 +267,17 @@ def spread_gather_inputs(seed: int = 3):
     batch = (torch.arange(n) >= 14).to(torch.long)
     offset = mesh_module.row_offsets(batch, structures, mesh)
     rows = structures * mesh[0] * mesh[1] * mesh[2]
-    values = torch.randn(n, 5, generator=g, dtype=DT)
-    grid = torch.randn(rows, 5, generator=g, dtype=DT)
+    values = torch.randn(n, channels, generator=g, dtype=DT)
+    grid = torch.randn(rows, channels, generator=g, dtype=DT)
     return u, values, grid, offset, mesh, rows
 
 
 @fused_ops
-@pytest.mark.parametrize("order", [4, 6])
-def test_fused_spread_and_gather_equal_their_references_with_first_derivatives(order):
-    u, values, grid, offset, mesh, rows = spread_gather_inputs()
+@pytest.mark.parametrize("order, channels", [(4, 5), (6, 5), (6, 37)])
+def test_fused_spread_and_gather_equal_their_references_with_first_derivatives(order, channels):
+    """(37 channels pass every path of the kernel: 32-byte packs four at a time, one at a time and
+    single channels.)"""
+    u, values, grid, offset, mesh, rows = spread_gather_inputs(channels=channels)
     weights_q = torch.randn(rows, values.shape[1], dtype=DT)
     weights_z = torch.randn(u.shape[0], grid.shape[1], dtype=DT)
     for op, reference, data, w in (
@@ -293,6 +295,27 @@ def test_fused_spread_and_gather_equal_their_references_with_first_derivatives(o
     # a partition of unity: spreading ones puts exactly one unit per atom on the mesh
     q = torch.ops.efa.mesh_spread(u, torch.ones(u.shape[0], 1, dtype=DT), offset, mesh, rows, order)
     assert float(q.sum()) == pytest.approx(u.shape[0], rel=1e-13)
+
+
+@fused_ops
+def test_fused_spread_and_gather_in_float32_equal_the_float64_reference():
+    """The float32 kernel (its own packs of eight channels) against the float64 reference."""
+    u, values, grid, offset, mesh, rows = spread_gather_inputs(channels=45)
+    weights_q = torch.randn(rows, values.shape[1], dtype=DT)
+    weights_z = torch.randn(u.shape[0], grid.shape[1], dtype=DT)
+    for op, reference, data, w in (
+            (lambda a, b: torch.ops.efa.mesh_spread(a, b, offset, mesh, rows, 6),
+             lambda a, b: mesh_module.spread_reference(a, b, offset, mesh, rows, 6), values, weights_q),
+            (lambda a, b: torch.ops.efa.mesh_gather(a, b, offset, mesh, 6),
+             lambda a, b: mesh_module.gather_reference(a, b, offset, mesh, 6), grid, weights_z)):
+        out = []
+        for f, dtype in ((op, torch.float32), (reference, DT)):
+            uu = u.to(dtype).requires_grad_(True)
+            dd = data.to(dtype).requires_grad_(True)
+            y = f(uu, dd)
+            out.append([y.detach(), *torch.autograd.grad(torch.sum(y * w.to(dtype)), [uu, dd])])
+        for a, b in zip(*out):
+            assert rel(a.double(), b) < 1e-5 and b.abs().max() > 0
 
 
 @fused_ops
