@@ -3,13 +3,17 @@ float32, the local backbone against the same backbone with the periodic EFA term
 sum over k-vectors and on the k-space mesh (kspace direct / mesh), for water boxes of about 1e3,
 1e4 and 1e5 atoms (the first frame of examples/periodic/data/water_ions_gfn1.extxyz, 24 H2O in 8.95 A,
 replicated). The model is the ionic benchmark's size (examples/periodic/ionic.yaml: 32 features,
-2 layers, 4.5 A cutoff, k_max 1.5 1/A, 8 frequency channels, 16 values), randomised weights
-(speed does not depend on them), fused inference operators.
+2 layers, 4.5 A cutoff, k_max 1.5 1/A) with an EFA block of 8 frequency channels x 16 values
+(efa-direct, efa-mesh: ionic.yaml's block until 2026-12-06, run.py's efa-large), 4 x 8 (*-small)
+or 4 x 4 (*-tiny: ionic.yaml's and the shipped model's block now), randomised weights (speed does
+not depend on them), fused inference operators.
 
 Each (variant, size) runs in a fresh process: the graph is built, one warm-up call, then the
 minimum CPU time (time.process_time) of the repeats, and the peak resident growth per atom
-(VmHWM after the calls minus VmRSS before them, graph included). A call that would take longer
-than --skip-over seconds (estimated from the smaller sizes) is skipped and said so.
+(VmHWM after the calls minus VmRSS before them, graph included). --rounds R runs R such processes
+per variant, interleaved with the other variants, and reports the median time and the median of
+the rounds' EFA / local ratios (this VM's speed drifts between minutes). A call that would take
+longer than --skip-over seconds (estimated from the smaller sizes) is skipped and said so.
 
     taskset -c 1 python benchmarks/periodic_step.py      # writes benchmarks/results/periodic_step.{md,json}
 """
@@ -20,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -31,9 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 SIZES = {"1e3": (3, 2, 2), "3e3": (4, 3, 3), "1e4": (5, 5, 6), "1e5": (11, 11, 11)}
 VARIANTS = ("local", "efa-direct", "efa-mesh")
-# --variants may also name efa-direct-small / efa-mesh-small: a quarter of the block (4 frequency
-# channels x 8 values, examples/periodic/run.py's efa-small), a quarter of the mesh work; and
-# *-tiny: 4 x 4 (run.py's efa-tiny)
+# --variants may also name efa-direct-small / efa-mesh-small (4 x 8) and *-tiny (4 x 4)
 BLOCKS = {"": dict(num_frequencies=8, value_dim=16), "-small": dict(num_frequencies=4, value_dim=8),
           "-tiny": dict(num_frequencies=4, value_dim=4)}
 
@@ -85,7 +88,20 @@ def measure(variant: str, size: str, repeats: int) -> dict:
             "edges": int(graph.edge_index.shape[1]),
             "kvectors": kvectors, "mesh": mesh, "seconds": min(times),
             "us_per_atom": 1e6 * min(times) / len(atoms), "kb_per_atom": (peak - rss_before) / len(atoms),
-            "energy": float(energy.sum())}
+            "energy": float(energy.detach().sum())}
+
+
+def estimate_skip(previous: dict | None, variant: str, size: str, args) -> str:
+    """Why a call is skipped (estimated from the last smaller size), or ''."""
+    if previous is None:
+        return ""
+    growth = SIZES[size][0] * SIZES[size][1] * SIZES[size][2] / previous["cells"]
+    # direct: N x G, quadratic in N; others about linear
+    estimate = previous["seconds"] * growth ** (2 if variant.startswith("efa-direct") else 1)
+    memory = previous["kb_per_atom"] * previous["atoms"] * growth / 1e6
+    if estimate > args.skip_over or memory > args.skip_memory:
+        return f"estimated {estimate:.0f} s and {memory:.0f} GB per call"
+    return ""
 
 
 def main() -> None:
@@ -93,6 +109,9 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=list(SIZES))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="fresh processes per variant and size, interleaved; s/call is their median and "
+                        "x local the median of the rounds' ratios (this VM drifts by 20%% between minutes)")
     p.add_argument("--skip-over", type=float, default=300.0, help="skip calls estimated to take longer (s)")
     p.add_argument("--skip-memory", type=float, default=16.0, help="skip calls estimated to need more (GB)")
     p.add_argument("--one", nargs=2, metavar=("VARIANT", "SIZE"), help=argparse.SUPPRESS)
@@ -103,42 +122,53 @@ def main() -> None:
         return
     rows, last = [], {}
     for size in args.sizes:
-        for variant in args.variants:
-            previous = last.get(variant)
-            if previous is not None:
-                growth = SIZES[size][0] * SIZES[size][1] * SIZES[size][2] / previous["cells"]
-                # direct: N x G, quadratic in N; others about linear
-                estimate = previous["seconds"] * growth ** (2 if variant.startswith("efa-direct") else 1)
-                memory = previous["kb_per_atom"] * previous["atoms"] * growth / 1e6
-                if estimate > args.skip_over or memory > args.skip_memory:
-                    rows.append({"variant": variant, "size": size,
-                                 "skipped": f"estimated {estimate:.0f} s and {memory:.0f} GB per call"})
-                    print(rows[-1], flush=True)
+        runs = {}  # variant -> one result per round
+        for rnd in range(args.rounds):
+            for variant in args.variants:
+                if rnd == 0:
+                    skipped = estimate_skip(last.get(variant), variant, size, args)
+                    if skipped:
+                        rows.append({"variant": variant, "size": size, "skipped": skipped})
+                        print(rows[-1], flush=True)
+                        continue
+                elif variant not in runs:
                     continue
-            out = subprocess.run([sys.executable, __file__, "--one", variant, size, "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                rows.append({"variant": variant, "size": size, "failed": out.stderr.strip().splitlines()[-1]})
-            else:
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-                cells = SIZES[size][0] * SIZES[size][1] * SIZES[size][2]
-                last[variant] = {"seconds": rows[-1]["seconds"], "cells": cells, "atoms": rows[-1]["atoms"],
-                                 "kb_per_atom": rows[-1]["kb_per_atom"]}
-            print(rows[-1], flush=True)
+                out = subprocess.run([sys.executable, __file__, "--one", variant, size, "--repeats", str(args.repeats)],
+                                     capture_output=True, text=True)
+                if out.returncode != 0:
+                    rows.append({"variant": variant, "size": size, "failed": out.stderr.strip().splitlines()[-1]})
+                    print(rows[-1], flush=True)
+                    runs.pop(variant, None)
+                    continue
+                runs.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(runs[variant][-1], flush=True)
+        for variant, results in runs.items():
+            row = dict(results[0])
+            times = [r["seconds"] for r in results]
+            row["seconds"] = statistics.median(times)
+            row["us_per_atom"] = 1e6 * row["seconds"] / row["atoms"]
+            row["rounds"] = times
+            if "local" in runs and len(runs["local"]) == len(results):
+                row["x_local"] = statistics.median(r["seconds"] / l["seconds"] for r, l in zip(results, runs["local"]))
+            rows.append(row)
+            cells = SIZES[size][0] * SIZES[size][1] * SIZES[size][2]
+            last[variant] = {"seconds": row["seconds"], "cells": cells, "atoms": row["atoms"],
+                             "kb_per_atom": row["kb_per_atom"]}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, one thread, torch float32"
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
-    local = {r["size"]: r["seconds"] for r in rows if r.get("variant") == "local" and "seconds" in r}
     lines = [f"# Periodic step: local vs periodic EFA (direct, mesh)\n", f"Machine: {machine}. "
-             "One energy + forces + stress call, minimum CPU time of the repeats; peak resident growth per atom "
-             "(graph included). `python benchmarks/periodic_step.py`\n",
+             "One energy + forces + stress call, minimum CPU time of the repeats in a process; with rounds, "
+             "the median over the rounds' processes and x local the median of the rounds' ratios; peak resident "
+             "growth per atom (graph included); malloc policy " + (os.environ.get("EFA_DEPLOY_MALLOC") or "lean") +
+             ". `python benchmarks/periodic_step.py " + " ".join(sys.argv[1:]) + "`\n",
              "| variant | size | atoms | k-vectors | mesh | s/call | us/atom | x local | KB/atom |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" not in r:
             lines.append(f"| {r['variant']} | {r['size']} | | | | {r.get('skipped') or r.get('failed')} | | | |")
             continue
-        ratio = r["seconds"] / local[r["size"]] if r["size"] in local else float("nan")
+        ratio = r.get("x_local", float("nan"))
         mesh = "x".join(map(str, r["mesh"])) or "-"
         lines.append(f"| {r['variant']} | {r['size']} | {r['atoms']} | {r['kvectors']} | {mesh} | {r['seconds']:.3f} "
                      f"| {r['us_per_atom']:.1f} | {ratio:.2f} | {r['kb_per_atom']:.1f} |")

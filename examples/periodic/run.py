@@ -63,9 +63,11 @@ bench.BENCHMARKS = {
         variants={"local": ["--no-efa", "--set", "model.periodic_efa=false"],
                   "local-6A": ["--no-efa", "--set", "model.periodic_efa=false", "--set", "model.cutoff=6.0"],
                   "efa": ["--efa"],
-                  # a quarter of the mesh work: 4 frequency channels x 8 values (benchmarks/periodic_step.py --small)
-                  "efa-small": ["--efa", "--set", "model.num_frequencies=4", "--set", "model.value_dim=8"],
+                  # block sizes (frequency channels x values; benchmarks/periodic_step.py's variants): ionic.yaml's
+                  # 4 x 4 since 2026-12-06 (efa-tiny names it too), 4 x 8, and 8 x 16 (ionic.yaml's until then)
                   "efa-tiny": ["--efa", "--set", "model.num_frequencies=4", "--set", "model.value_dim=4"],
+                  "efa-small": ["--efa", "--set", "model.num_frequencies=4", "--set", "model.value_dim=8"],
+                  "efa-large": ["--efa", "--set", "model.num_frequencies=8", "--set", "model.value_dim=16"],
                   # the periodic form with its k = 0 term (the first form; model.k_zero in docs/design.md)
                   "efa-k0": ["--efa", "--set", "model.k_zero=true"],
                   "efa-k0-k1.0": ["--efa", "--set", "model.k_zero=true", "--set", "model.k_max=1.0"],
