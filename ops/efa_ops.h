@@ -45,3 +45,5 @@ class BackendGuard {
 // unset; returns 1 when a setting was applied, 0 for system or a C library without mallopt
 // (malloc_policy.cpp).
 extern "C" int efa_malloc_policy(const char *fallback);
+// 1 when the lean policy advises transparent huge pages for large tensors (malloc_policy.cpp).
+extern "C" int efa_huge_page_advice();
