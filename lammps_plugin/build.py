@@ -63,6 +63,8 @@ def build(out_dir: Path, build_dir: Path, jobs: int = 2) -> list[Path]:
         f"-DEFA_BUILD_PLUGIN={'ON' if with_plugin else 'OFF'}",
         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
         f"-DPython_EXECUTABLE={sys.executable}",
+        # EFA_CUDA=1: the CUDA kernels of the fused operators as well (ops/CMakeLists.txt)
+        f"-DEFA_CUDA={'ON' if os.environ.get('EFA_CUDA') == '1' else 'OFF'}",
     ]
     if with_plugin:
         configure += [f"-DLAMMPS_INCLUDE_DIR={include}", f"-DMPI_CXX_COMPILER={mpicxx}",

@@ -25,6 +25,7 @@
 #include <initializer_list>
 
 #include "fused_autograd.h"
+#include "message_checks.h"
 
 namespace efa {
 namespace {
@@ -37,10 +38,6 @@ constexpr int64_t kChunk = 256;  // edges whose radial weights are in the scratc
 constexpr const char *kNoDoubleBackward =
     "efa::message (the fused message passing used by exported models) has no second derivative; "
     "train with the reference path: efa_deploy.model.use_fused(model, False)";
-
-struct Sizes {
-  int64_t atoms, features, edges, radial;
-};
 
 // The checks both operators share: e edges, r radial functions; `floats` must have vec's dtype.
 Sizes check_layer(const char *op, const Tensor &filter, const Tensor &vec, int64_t e, int64_t r, const Tensor &weight,
@@ -388,14 +385,6 @@ constexpr const char *kEdgeNoDoubleBackward =
     "efa::edge_message (the fused message passing used by exported models) has no second derivative; "
     "train with the reference path: efa_deploy.model.use_fused(model, False)";
 
-Sizes check_edge_inputs(const Tensor &filter, const Tensor &vec, const Tensor &d, const Tensor &n_pi,
-                        const Tensor &weight, const Tensor &bias, const Tensor &sender, const Tensor &receiver)
-{
-  TORCH_CHECK(d.dim() == 2 && d.size(1) == 3, "efa::edge_message: d must be (E, 3), got ", d.sizes());
-  TORCH_CHECK(n_pi.dim() == 1, "efa::edge_message: n_pi must be (R,), got ", n_pi.sizes());
-  return check_layer("efa::edge_message", filter, vec, d.size(0), n_pi.size(0), weight, bias, sender, receiver,
-                     {&filter, &d, &n_pi, &weight, &bias});
-}
 
 // A chunk's edge geometry, made from d as the reference does (EnergyModel.edge_geometry,
 // local.radial_basis): r = |d|, unit = d / r, envelope 0.5 (cos(pi r / rc) + 1) (r < rc), the
@@ -584,6 +573,15 @@ std::tuple<Tensor, Tensor> edge_message_autograd(const Tensor &filter, const Ten
 }
 
 }  // namespace
+
+Sizes check_edge_inputs(const Tensor &filter, const Tensor &vec, const Tensor &d, const Tensor &n_pi,
+                        const Tensor &weight, const Tensor &bias, const Tensor &sender, const Tensor &receiver)
+{
+  TORCH_CHECK(d.dim() == 2 && d.size(1) == 3, "efa::edge_message: d must be (E, 3), got ", d.sizes());
+  TORCH_CHECK(n_pi.dim() == 1, "efa::edge_message: n_pi must be (R,), got ", n_pi.sizes());
+  return check_layer("efa::edge_message", filter, vec, d.size(0), n_pi.size(0), weight, bias, sender, receiver,
+                     {&filter, &d, &n_pi, &weight, &bias});
+}
 
 // The schemas must match efa_deploy/ops.py (MESSAGE_SCHEMA, EDGE_MESSAGE_SCHEMA: the pure-torch registrations).
 TORCH_LIBRARY_FRAGMENT(efa, m)
