@@ -1,20 +1,74 @@
-"""The CUDA kernels of efa::edge_message (ops/cuda/, built with EFA_CUDA=1 on a machine with nvcc
-and a CUDA build of torch; benchmarks/gpu/cuda_ops_check.sh) against the CPU operator: outputs and
-first derivatives in float64 to 1e-12, with empty graphs, self loops, isolated atoms, edges beyond
-the cutoff, feature counts that are not powers of two, and the gradient subsets autograd asks for.
-Skipped without a GPU or without the kernels; the CPU suite stays green either way."""
+"""The CUDA kernels of efa::edge_message (ops/cuda/) against the CPU operator, float64 to 1e-12:
+
+- everywhere: the kernels' per-thread steps (ops/cuda/edge_message_steps.h), built for the host
+  with ops/cuda/emulate.cpp and run edge after edge in the kernels' order;
+- on a GPU, with the library built with EFA_CUDA=1 (benchmarks/gpu/cuda_ops_check.sh): the
+  kernels themselves, outputs and first derivatives through autograd, with empty graphs, self
+  loops, isolated atoms, edges beyond the cutoff, feature counts that are not powers of two and
+  the gradient subsets autograd asks for; skipped elsewhere."""
 
 from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 
-from helpers import assert_close
+from efa_deploy.paths import OPS_LIBRARY
+from helpers import REPO, assert_close
 from test_fused import EDGE_FLOAT_INPUTS, random_edge_inputs
 
-pytestmark = pytest.mark.skipif(
+needs_kernels = pytest.mark.skipif(
     not torch.cuda.is_available() or not torch._C._dispatch_has_kernel_for_dispatch_key("efa::edge_message", "CUDA"),
     reason="needs a CUDA GPU and the library built with EFA_CUDA=1")
+GRAPHS = pytest.mark.parametrize("atoms, edges, linked, features", [
+    (0, 0, None, 8), (6, 0, None, 8), (1, 3, None, 8), (7, 40, None, 8), (60, 1500, None, 20),
+    (300, 2049, 100, 32), (50, 700, None, 128)],
+    ids=["0 atoms", "0 edges", "self loops", "small", "20 features", "isolated atoms", "128 features"])
+
+
+@pytest.fixture(scope="module")
+def emulation(tmp_path_factory):
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("no C++ compiler to build ops/cuda/emulate.cpp")
+    library = tmp_path_factory.mktemp("emulate") / "emulate.so"
+    subprocess.run([compiler, "-std=c++17", "-O1", "-shared", "-fPIC", str(REPO / "ops" / "cuda" / "emulate.cpp"),
+                    "-o", str(library)], check=True)
+    return ctypes.CDLL(str(library))
+
+
+def pointer(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+@pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
+@GRAPHS
+def test_kernel_steps_run_on_the_cpu_equal_the_cpu_operator(emulation, atoms, edges, linked, features):
+    x = random_edge_inputs(atoms, edges, features=features, linked=linked)
+    arrays = [x[k].contiguous() for k in ("filter", "vec", "d", "n_pi", "weight", "bias", "sender", "receiver")]
+    sizes = [ctypes.c_int64(n) for n in (atoms, edges, features, x["n_pi"].shape[0])] + [ctypes.c_double(x["cutoff"])]
+    common = [pointer(t) for t in arrays] + sizes
+    dx, dv = torch.zeros(atoms, features, dtype=torch.float64), torch.zeros(atoms, 3, features, dtype=torch.float64)
+    emulation.efa_emulate_edge_message(*common, pointer(dx), pointer(dv))
+    assert_close([dx, dv], list(torch.ops.efa.edge_message(*x.values())), rtol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    grad_dx, grad_dv = torch.randn(dx.shape, generator=g, dtype=torch.float64), torch.randn(dv.shape, generator=g,
+                                                                                           dtype=torch.float64)
+    g_filter, g_vec = torch.zeros_like(x["filter"]), torch.zeros_like(x["vec"])
+    g_d = torch.zeros(edges, 3, dtype=torch.float64)
+    g_radial = torch.zeros(edges, 3 * features, dtype=torch.float64)
+    rbf = torch.zeros(edges, x["n_pi"].shape[0], dtype=torch.float64)
+    emulation.efa_emulate_edge_message_backward(*common, pointer(grad_dx), pointer(grad_dv), pointer(g_filter),
+                                                pointer(g_vec), pointer(g_d), pointer(g_radial), pointer(rbf))
+    expected = torch.ops.efa.edge_message_backward(grad_dx, grad_dv, *x.values(), [True, True, True])
+    steps = [g_filter, g_vec, g_d, g_radial.t() @ rbf, g_radial.sum(0)]  # as edge_message_cuda.cpp makes the last two
+    assert_close(steps, list(expected), rtol=1e-12)
+    if edges:
+        assert all(t.abs().max() > 0 for t in steps)
 
 
 def on(device: str, inputs: dict) -> dict:
@@ -35,10 +89,8 @@ def outputs_and_gradients(inputs: dict, wanted: tuple[str, ...]) -> list[torch.T
                                                    for k, gr in zip(wanted, grads)]]
 
 
-@pytest.mark.parametrize("atoms, edges, linked, features", [
-    (0, 0, None, 8), (6, 0, None, 8), (1, 3, None, 8), (7, 40, None, 8), (60, 1500, None, 20),
-    (300, 2049, 100, 32), (50, 700, None, 128)],
-    ids=["0 atoms", "0 edges", "self loops", "small", "20 features", "isolated atoms", "128 features"])
+@needs_kernels
+@GRAPHS
 @pytest.mark.parametrize("wanted", [EDGE_FLOAT_INPUTS, ("d",), ("filter", "vec", "weight")],
                          ids=["all", "forces", "no d"])
 def test_cuda_edge_message_equals_the_cpu_operator(atoms, edges, linked, features, wanted):
@@ -50,6 +102,7 @@ def test_cuda_edge_message_equals_the_cpu_operator(atoms, edges, linked, feature
         assert all(t.abs().max() > 0 for t in cpu)
 
 
+@needs_kernels
 def test_cuda_edge_message_in_float32_follows_float64():
     inputs = random_edge_inputs(60, 1500, features=32)
     single = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
@@ -57,6 +110,7 @@ def test_cuda_edge_message_in_float32_follows_float64():
     assert_close([t.double() for t in gpu], outputs_and_gradients(inputs, EDGE_FLOAT_INPUTS), rtol=1e-5)
 
 
+@needs_kernels
 def test_cuda_edge_message_refuses_an_edge_to_a_missing_atom():
     inputs = on("cuda", random_edge_inputs(7, 40))
     inputs["receiver"][3] = 7

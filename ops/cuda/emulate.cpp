@@ -1,0 +1,60 @@
+// The efa::edge_message CUDA kernels' steps (edge_message_steps.h) run on the CPU, edge after edge,
+// in the order the kernels run them: tests/test_cuda_ops.py builds this file with the host C++
+// compiler and checks the steps' arithmetic and indexing against the CPU operator on machines
+// without a GPU. Not part of any library. float64, plain arrays.
+#include <cstdint>
+#include <vector>
+
+#include "edge_message_steps.h"
+
+namespace {
+
+using efa::cuda::EdgeMessageArgs;
+namespace steps = efa::cuda::steps;
+
+EdgeMessageArgs<double> args_of(const double *filter, const double *vec, const double *d, const double *n_pi,
+                                const double *weight, const double *bias, const int64_t *sender,
+                                const int64_t *receiver, int64_t atoms, int64_t edges, int64_t features,
+                                int64_t radial, double cutoff)
+{
+  return {filter, vec, d, n_pi, weight, bias, sender, receiver, atoms, edges, features, radial, cutoff};
+}
+
+}  // namespace
+
+extern "C" void efa_emulate_edge_message(const double *filter, const double *vec, const double *d,
+                                         const double *n_pi, const double *weight, const double *bias,
+                                         const int64_t *sender, const int64_t *receiver, int64_t atoms, int64_t edges,
+                                         int64_t features, int64_t radial, double cutoff, double *dx, double *dv)
+{
+  const auto a = args_of(filter, vec, d, n_pi, weight, bias, sender, receiver, atoms, edges, features, radial, cutoff);
+  std::vector<double> scratch(steps::scratch_per_edge(features, radial, false));
+  for (int64_t e = 0; e < edges; ++e) {
+    steps::geometry_of(a, e, scratch.data());
+    for (int64_t k = 0; k < radial; ++k) steps::basis_of(a, e, k, scratch.data(), scratch.data() + 5, (double *)nullptr);
+    for (int64_t i = 0; i < features; ++i) steps::forward_feature(a, e, i, scratch.data(), scratch.data() + 5, dx, dv);
+  }
+}
+
+// g_d, g_radial and rbf may be null, as in the kernel
+extern "C" void efa_emulate_edge_message_backward(const double *filter, const double *vec, const double *d,
+                                                  const double *n_pi, const double *weight, const double *bias,
+                                                  const int64_t *sender, const int64_t *receiver, int64_t atoms,
+                                                  int64_t edges, int64_t features, int64_t radial, double cutoff,
+                                                  const double *grad_dx, const double *grad_dv, double *g_filter,
+                                                  double *g_vec, double *g_d, double *g_radial, double *rbf_out)
+{
+  const auto a = args_of(filter, vec, d, n_pi, weight, bias, sender, receiver, atoms, edges, features, radial, cutoff);
+  std::vector<double> scratch(steps::scratch_per_edge(features, radial, true));
+  double *geometry = scratch.data(), *rbf = geometry + 5, *g_rad = rbf + radial, *terms = g_rad + 3 * features;
+  double *basis_terms = terms + 4 * features;
+  for (int64_t e = 0; e < edges; ++e) {
+    steps::geometry_of(a, e, geometry);
+    for (int64_t k = 0; k < radial; ++k) steps::basis_of(a, e, k, geometry, rbf, rbf_out);
+    for (int64_t i = 0; i < features; ++i)
+      steps::backward_feature(a, e, i, geometry, rbf, grad_dx, grad_dv, g_filter, g_vec, g_rad, terms, g_radial);
+    if (g_d == nullptr) continue;
+    for (int64_t k = 0; k < radial; ++k) steps::basis_term(a, k, geometry, rbf, g_rad, basis_terms);
+    steps::edge_gradient(a, e, geometry, terms, basis_terms, g_d);
+  }
+}
