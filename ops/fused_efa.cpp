@@ -27,6 +27,7 @@
 #include <utility>
 #include <vector>
 
+#include "attention_checks.h"
 #include "frequencies.h"
 #include "fused_autograd.h"
 
@@ -42,10 +43,7 @@ constexpr const char *kNoDoubleBackward =
     "efa::attention_keys / efa::attention_queries (the fused EFA block used by exported models) have no second "
     "derivative; train with the reference path: efa_deploy.model.use_fused(model, False)";
 
-struct Sizes {
-  int64_t atoms, channels, directions, columns, structures;  // N, M, G, D, B
-  int64_t width() const { return 2 * channels * directions; }
-};
+using Sizes = AttentionSizes;
 
 // The inputs both stages share: positions (N, 3), a complex channel tensor (N, M, 2), batch
 // (N,), omega (M,), directions (G, 3). Returns N, M, G.
@@ -66,44 +64,16 @@ Sizes check_rotation_inputs(const char *op, const Tensor &positions, const Tenso
               positions.scalar_type());
   TORCH_CHECK(channels.scalar_type() == positions.scalar_type(), op, ": ", name, " must have the dtype of positions (",
               positions.scalar_type(), "), got ", channels.scalar_type());
-  for (const Tensor *t : {&positions, &channels, &batch, &omega, &directions}) {
-    TORCH_CHECK(t->device().is_cpu(), op, " runs on CPU tensors; on ", t->device(),
-                " the model takes the reference path (efa_deploy/model/erope.py)");
-  }
   return {n, m, directions.size(0), 0, 0};
 }
 
-Sizes check_keys(const Tensor &positions, const Tensor &keys, const Tensor &values, const Tensor &owned,
-                 const Tensor &batch, int64_t n_structures, const Tensor &omega, const Tensor &directions)
+// The CPU kernels' own check: every input on the CPU.
+void require_cpu(const char *op, std::initializer_list<const Tensor *> tensors)
 {
-  const char *op = "efa::attention_keys";
-  Sizes z = check_rotation_inputs(op, positions, keys, "keys", batch, omega, directions);
-  TORCH_CHECK(values.dim() == 2 && values.size(0) == z.atoms, op, ": values must be (N, D) with N = ", z.atoms,
-              ", got ", values.sizes());
-  TORCH_CHECK(owned.dim() == 1 && owned.size(0) == z.atoms, op, ": owned must be (N,) = (", z.atoms, ",), got ",
-              owned.sizes());
-  for (const Tensor *t : {&values, &owned}) {
-    TORCH_CHECK(t->scalar_type() == positions.scalar_type(), op, ": values and owned must have the dtype of positions (",
-                positions.scalar_type(), "), got ", t->scalar_type());
+  for (const Tensor *t : tensors) {
+    TORCH_CHECK(t->device().is_cpu(), op, " runs on CPU tensors here; on ", t->device(),
+                " the model takes the reference path (efa_deploy/model/erope.py)");
   }
-  TORCH_CHECK(n_structures >= 0, op, ": n_structures must be 0 or more, got ", n_structures);
-  z.columns = values.size(1);
-  z.structures = n_structures;
-  return z;
-}
-
-Sizes check_queries(const Tensor &positions, const Tensor &queries, const Tensor &kv, const Tensor &batch,
-                    const Tensor &omega, const Tensor &directions)
-{
-  const char *op = "efa::attention_queries";
-  Sizes z = check_rotation_inputs(op, positions, queries, "queries", batch, omega, directions);
-  TORCH_CHECK(kv.dim() == 4 && kv.size(1) == z.channels && kv.size(2) == z.directions && kv.size(3) % 2 == 0, op,
-              ": kv must be (B, M, G, 2D) with M = ", z.channels, ", G = ", z.directions, ", got ", kv.sizes());
-  TORCH_CHECK(kv.scalar_type() == positions.scalar_type(), op, ": kv must have the dtype of positions (",
-              positions.scalar_type(), "), got ", kv.scalar_type());
-  z.columns = kv.size(3) / 2;
-  z.structures = kv.size(0);
-  return z;
 }
 
 // Atoms in chunks of one structure each, for one BLAS product per chunk.
@@ -362,6 +332,7 @@ Tensor keys_cpu(const Tensor &positions_in, const Tensor &keys_in, const Tensor 
                 const Tensor &batch_in, int64_t n_structures, const Tensor &omega, const Tensor &directions)
 {
   const Sizes z = check_keys(positions_in, keys_in, values_in, owned_in, batch_in, n_structures, omega, directions);
+  require_cpu("efa::attention_keys", {&positions_in, &keys_in, &values_in, &owned_in, &batch_in, &omega, &directions});
   const Tensor positions = positions_in.contiguous(), keys = keys_in.contiguous(), values = values_in.contiguous();
   const Tensor owned = owned_in.contiguous(), batch = batch_in.contiguous();
   Tensor kv = at::zeros({z.structures, z.channels, z.directions, 2 * z.columns}, values.options());
@@ -386,6 +357,7 @@ Tensor queries_cpu(const Tensor &positions_in, const Tensor &queries_in, const T
                    const Tensor &omega, const Tensor &directions)
 {
   const Sizes z = check_queries(positions_in, queries_in, kv_in, batch_in, omega, directions);
+  require_cpu("efa::attention_queries", {&positions_in, &queries_in, &kv_in, &batch_in, &omega, &directions});
   const Tensor positions = positions_in.contiguous(), queries = queries_in.contiguous(), kv = kv_in.contiguous();
   const Tensor batch = batch_in.contiguous();
   Tensor y = at::zeros({z.atoms, z.columns}, kv.options());
@@ -416,6 +388,8 @@ Grads keys_backward_cpu(const Tensor &grad_kv_in, const Tensor &positions_in, co
                         const Tensor &directions)
 {
   const Sizes z = check_keys(positions_in, keys_in, values_in, owned_in, batch_in, grad_kv_in.size(0), omega, directions);
+  require_cpu("efa::attention_keys_backward", {&grad_kv_in, &positions_in, &keys_in, &values_in, &owned_in, &batch_in,
+                                               &omega, &directions});
   TORCH_CHECK(grad_kv_in.sizes() == at::IntArrayRef({z.structures, z.channels, z.directions, 2 * z.columns}),
               "efa::attention_keys_backward: grad_kv has shape ", grad_kv_in.sizes(), ", not KV's");
   const Tensor grad_kv = grad_kv_in.contiguous(), positions = positions_in.contiguous(), keys = keys_in.contiguous();
@@ -456,6 +430,8 @@ Grads queries_backward_cpu(const Tensor &grad_y_in, const Tensor &positions_in, 
                            const Tensor &kv_in, const Tensor &batch_in, const Tensor &omega, const Tensor &directions)
 {
   const Sizes z = check_queries(positions_in, queries_in, kv_in, batch_in, omega, directions);
+  require_cpu("efa::attention_queries_backward", {&grad_y_in, &positions_in, &queries_in, &kv_in, &batch_in, &omega,
+                                                  &directions});
   TORCH_CHECK(grad_y_in.sizes() == at::IntArrayRef({z.atoms, z.columns}),
               "efa::attention_queries_backward: grad_y has shape ", grad_y_in.sizes(), ", not y's (", z.atoms, ", ",
               z.columns, ")");
@@ -595,6 +571,39 @@ Tensor queries_autograd(const Tensor &positions, const Tensor &queries, const Te
   return AttentionQueries::apply(positions, queries, kv, batch, omega, directions);
 }
 }  // namespace
+
+AttentionSizes check_keys(const Tensor &positions, const Tensor &keys, const Tensor &values, const Tensor &owned,
+                 const Tensor &batch, int64_t n_structures, const Tensor &omega, const Tensor &directions)
+{
+  const char *op = "efa::attention_keys";
+  AttentionSizes z = check_rotation_inputs(op, positions, keys, "keys", batch, omega, directions);
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == z.atoms, op, ": values must be (N, D) with N = ", z.atoms,
+              ", got ", values.sizes());
+  TORCH_CHECK(owned.dim() == 1 && owned.size(0) == z.atoms, op, ": owned must be (N,) = (", z.atoms, ",), got ",
+              owned.sizes());
+  for (const Tensor *t : {&values, &owned}) {
+    TORCH_CHECK(t->scalar_type() == positions.scalar_type(), op, ": values and owned must have the dtype of positions (",
+                positions.scalar_type(), "), got ", t->scalar_type());
+  }
+  TORCH_CHECK(n_structures >= 0, op, ": n_structures must be 0 or more, got ", n_structures);
+  z.columns = values.size(1);
+  z.structures = n_structures;
+  return z;
+}
+
+AttentionSizes check_queries(const Tensor &positions, const Tensor &queries, const Tensor &kv, const Tensor &batch,
+                    const Tensor &omega, const Tensor &directions)
+{
+  const char *op = "efa::attention_queries";
+  AttentionSizes z = check_rotation_inputs(op, positions, queries, "queries", batch, omega, directions);
+  TORCH_CHECK(kv.dim() == 4 && kv.size(1) == z.channels && kv.size(2) == z.directions && kv.size(3) % 2 == 0, op,
+              ": kv must be (B, M, G, 2D) with M = ", z.channels, ", G = ", z.directions, ", got ", kv.sizes());
+  TORCH_CHECK(kv.scalar_type() == positions.scalar_type(), op, ": kv must have the dtype of positions (",
+              positions.scalar_type(), "), got ", kv.scalar_type());
+  z.columns = kv.size(3) / 2;
+  z.structures = kv.size(0);
+  return z;
+}
 
 // The forward schemas must match efa_deploy/ops.py (pure-torch registration, efa_deploy/model/erope.py).
 TORCH_LIBRARY_FRAGMENT(efa, m)

@@ -116,3 +116,100 @@ def test_cuda_edge_message_refuses_an_edge_to_a_missing_atom():
     inputs["receiver"][3] = 7
     with pytest.raises(RuntimeError, match="an edge joins atom 7 but there are 7 atoms"):
         torch.ops.efa.edge_message(*inputs.values())
+
+
+# -- efa::attention_keys / attention_queries: the kernels' steps on the CPU, composed as attention_cuda.cpp does
+
+def emulated_attention(emulation, x: dict, w_kv: torch.Tensor, w_y: torch.Tensor, kv_in: torch.Tensor,
+                       chunk: int) -> list[torch.Tensor]:
+    """KV, y and the backward operators' gradients for upstream gradients w_kv, w_y (y from kv_in),
+    made as attention_cuda.cpp makes them: per chunk of at most `chunk` consecutive atoms of one
+    structure, the emulated rows kernel and a matrix product; backward through the emulated
+    rows-backward kernel."""
+    m, g, d = x["omega"].numel(), x["directions"].shape[0], x["values"].shape[1]
+    sizes = [ctypes.c_int64(m), ctypes.c_int64(g)]
+    runs = torch.unique_consecutive(x["batch"], return_counts=True)
+    pieces, start = [], 0
+    for b, n in zip(*[t.tolist() for t in runs]):
+        pieces += [(b, start + first, min(chunk, n - first)) for first in range(0, n, chunk)]
+        start += n
+
+    def rows(channels, first, count):
+        out = torch.zeros(count, 2 * m * g, dtype=torch.float64)
+        emulation.efa_emulate_attention_rows(pointer(x["positions"]), pointer(channels), pointer(x["omega"]),
+                                             pointer(x["directions"]), *sizes, ctypes.c_int64(first),
+                                             ctypes.c_int64(count), pointer(out))
+        return out
+
+    def rows_backward(channels, first, count, grad_rows, g_channels, g_positions):
+        emulation.efa_emulate_attention_rows_backward(
+            pointer(x["positions"]), pointer(channels), pointer(x["omega"]), pointer(x["directions"]), *sizes,
+            ctypes.c_int64(first), ctypes.c_int64(count), pointer(grad_rows.contiguous()), pointer(g_channels),
+            pointer(g_positions))
+
+    matrix = lambda t, b: t[b].reshape(2 * m * g, d)  # noqa: E731
+    masked = x["values"] * x["owned"].unsqueeze(1)
+    kv = torch.zeros(x["n_structures"], m, g, 2 * d, dtype=torch.float64)
+    y = torch.zeros(x["positions"].shape[0], d, dtype=torch.float64)
+    gk_pos, g_keys, g_masked = torch.zeros_like(x["positions"]), torch.zeros_like(x["keys"]), torch.zeros_like(masked)
+    gq_pos, g_queries, g_kv = torch.zeros_like(x["positions"]), torch.zeros_like(x["queries"]), torch.zeros_like(kv_in)
+    for b, first, count in pieces:
+        part = slice(first, first + count)
+        a = rows(x["keys"], first, count)
+        matrix(kv, b).add_(a.t() @ masked[part])
+        g_masked[part] = a @ matrix(w_kv, b)
+        rows_backward(x["keys"], first, count, masked[part] @ matrix(w_kv, b).t(), g_keys, gk_pos)
+        a = rows(x["queries"], first, count)
+        y[part] = a @ matrix(kv_in, b)
+        matrix(g_kv, b).add_(a.t() @ w_y[part])
+        rows_backward(x["queries"], first, count, w_y[part] @ matrix(kv_in, b).t(), g_queries, gq_pos)
+    return [kv, y, gk_pos, g_keys, g_masked * x["owned"].unsqueeze(1), gq_pos, g_queries, g_kv]
+
+
+@pytest.mark.skipif(not OPS_LIBRARY.exists(), reason="libefa_ops.so is not built (make build)")
+@pytest.mark.parametrize("case", ["one structure", "three structures, one empty", "ghosts", "uneven frequencies",
+                                  "one zero frequency"])
+def test_attention_kernel_steps_run_on_the_cpu_equal_the_cpu_operators(emulation, case):
+    from test_fused_efa import CASES, KEYS_ARGS, QUERIES_ARGS, stage_inputs
+
+    x = stage_inputs(**CASES[case])
+    x = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    kv = torch.ops.efa.attention_keys(*[x[k] for k in KEYS_ARGS])
+    gen = torch.Generator().manual_seed(5)
+    w_kv = torch.randn(kv.shape, generator=gen, dtype=torch.float64)
+    kv_in = torch.randn(kv.shape, generator=gen, dtype=torch.float64)
+    w_y = torch.randn(x["positions"].shape[0], x["values"].shape[1], generator=gen, dtype=torch.float64)
+    queries_inputs = [kv_in if k == "kv" else x[k] for k in QUERIES_ARGS]
+    expected = [kv, torch.ops.efa.attention_queries(*queries_inputs),
+                *torch.ops.efa.attention_keys_backward(w_kv, *[x[k] for k in KEYS_ARGS if k != "n_structures"]),
+                *torch.ops.efa.attention_queries_backward(w_y, *queries_inputs)]
+    assert_close(emulated_attention(emulation, x, w_kv, w_y, kv_in, chunk=7), expected, rtol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["one structure", "several chunks", "three structures, one empty", "ghosts",
+                                  "uneven frequencies", "one zero frequency", "large grid"])
+def test_cuda_attention_equals_the_cpu_operators(case):
+    from test_fused_efa import CASES, KEYS_ARGS, QUERIES_ARGS, stage_inputs
+
+    x = stage_inputs(**CASES[case])
+    gen = torch.Generator().manual_seed(5)
+    kv = torch.ops.efa.attention_keys(*[x[k] for k in KEYS_ARGS])
+    w_kv, kv_in = torch.randn(kv.shape, generator=gen, dtype=torch.float64), torch.randn(kv.shape, generator=gen,
+                                                                                          dtype=torch.float64)
+    w_y = torch.randn(x["positions"].shape[0], x["values"].shape[1], generator=gen, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        xd = on(device, dict(x, kv=kv_in, w_kv=w_kv, w_y=w_y))
+        keys_args = [xd[k] for k in KEYS_ARGS]
+        queries_args = [xd[k] for k in QUERIES_ARGS]
+        out = [torch.ops.efa.attention_keys(*keys_args), torch.ops.efa.attention_queries(*queries_args),
+               *torch.ops.efa.attention_keys_backward(xd["w_kv"], *[a for k, a in zip(KEYS_ARGS, keys_args)
+                                                                    if k != "n_structures"]),
+               *torch.ops.efa.attention_queries_backward(xd["w_y"], *queries_args)]
+        # and through autograd, as the model calls them
+        p = xd["positions"].clone().requires_grad_(True)
+        y = torch.ops.efa.attention_queries(p, *queries_args[1:])
+        out.append(torch.autograd.grad((y * xd["w_y"]).sum(), [p])[0])
+        results.append([t.detach().cpu() for t in out])
+    assert_close(results[1], results[0], rtol=1e-12)

@@ -58,3 +58,42 @@ extern "C" void efa_emulate_edge_message_backward(const double *filter, const do
     steps::edge_gradient(a, e, geometry, terms, basis_terms, g_d);
   }
 }
+
+// ---- the attention kernels' steps (attention_steps.h) ----
+
+#include "attention_steps.h"
+
+namespace {
+
+efa::cuda::AttentionArgs<double> attention_args(const double *positions, const double *channels, const double *omega,
+                                                const double *directions, int64_t channel_count,
+                                                int64_t direction_count)
+{
+  return {positions, channels, omega, directions, channel_count, direction_count};
+}
+
+}  // namespace
+
+// rows (count, 2MG) of atoms start .. start + count - 1, entry after entry as the rows kernel's threads
+extern "C" void efa_emulate_attention_rows(const double *positions, const double *channels, const double *omega,
+                                           const double *directions, int64_t channel_count, int64_t direction_count,
+                                           int64_t start, int64_t count, double *rows)
+{
+  const auto a = attention_args(positions, channels, omega, directions, channel_count, direction_count);
+  const int64_t per_atom = channel_count * direction_count;
+  for (int64_t idx = 0; idx < count * per_atom; ++idx) {
+    const int64_t k = idx / per_atom, mg = idx % per_atom;
+    steps::coefficient(a, start + k, mg / direction_count, mg % direction_count, rows + k * 2 * per_atom + 2 * mg);
+  }
+}
+
+extern "C" void efa_emulate_attention_rows_backward(const double *positions, const double *channels,
+                                                    const double *omega, const double *directions,
+                                                    int64_t channel_count, int64_t direction_count, int64_t start,
+                                                    int64_t count, const double *grad_rows, double *g_channels,
+                                                    double *g_positions)
+{
+  const auto a = attention_args(positions, channels, omega, directions, channel_count, direction_count);
+  for (int64_t k = 0; k < count; ++k)
+    steps::row_backward(a, start + k, grad_rows + k * 2 * channel_count * direction_count, g_channels, g_positions);
+}
