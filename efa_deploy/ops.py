@@ -42,6 +42,7 @@ MESH_SCHEMAS = {
     "mesh_spread": "mesh_spread(Tensor u, Tensor values, Tensor offset, int[] mesh, int rows, int order) -> Tensor",
     "mesh_gather": "mesh_gather(Tensor u, Tensor grid, Tensor offset, int[] mesh, int order) -> Tensor",
 }
+CUDA_KERNELS_SCHEMA = "cuda_kernels(Tensor t) -> bool"  # ops/efa_ops.cpp: kernels of ops/cuda/ for t
 PAIRWISE_SCHEMA = ("pairwise_attention(Tensor positions, Tensor queries, Tensor keys, Tensor values, Tensor omega, "
                    "Tensor slot, int n_structures, int n_max, float r_max) -> Tensor")
 
@@ -59,6 +60,8 @@ def _register_pure_torch() -> None:
     for name, adjoint in ADJOINTS.items():
         adjoint_op = getattr(torch.ops.efa, adjoint)
         torch.library.register_autograd(f"efa::{name}", lambda ctx, grad, op=adjoint_op: op(grad), lib=_library)
+    _library.define(CUDA_KERNELS_SCHEMA)  # no CUDA kernels without the library
+    _library.impl("cuda_kernels", lambda t: False, "CompositeExplicitAutograd")
     # imported here: the model package imports this module
     from .model.erope import key_value_sums, query_contraction
     from .model.local import edge_message_passing, message_passing, radial_basis

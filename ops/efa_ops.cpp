@@ -64,6 +64,19 @@ torch::Tensor reverse_ghosts_autograd(const torch::Tensor &x)
 }
 }  // namespace
 
+// Whether the fused operators have CUDA kernels for t: t is a CUDA tensor and this library was
+// built with EFA_CUDA (ops/cuda/). The model code runs the fused operators on CUDA tensors only
+// then. (The tensor argument also keeps TorchScript from folding the answer into a model file.)
+bool cuda_kernels(const torch::Tensor &t)
+{
+#ifdef EFA_CUDA_KERNELS
+  return t.is_cuda();
+#else
+  (void)t;
+  return false;
+#endif
+}
+
 void set_backend(CommBackend *backend) { g_backend = backend; }
 CommBackend *current_backend() { return g_backend; }
 
@@ -74,6 +87,7 @@ TORCH_LIBRARY(efa, m)
   m.def("global_sum(Tensor x) -> Tensor");
   m.def("forward_ghosts(Tensor x) -> Tensor");
   m.def("reverse_ghosts(Tensor x) -> Tensor");
+  m.def("cuda_kernels(Tensor t) -> bool", &cuda_kernels);
 }
 
 TORCH_LIBRARY_IMPL(efa, CPU, m)

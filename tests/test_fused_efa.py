@@ -223,7 +223,8 @@ def test_block_variants_equal_reference_and_pairwise_form(options):
 
 
 def test_block_on_cuda_tensors_takes_the_reference_path():
-    """The fused operators are CPU kernels; elsewhere the same block runs erope.py."""
+    """On CUDA tensors a fused block runs erope.py, or the CUDA kernels of ops/cuda/ where the
+    library has them (EFA_CUDA=1): the same numbers either way."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     block = random_block(num_vector_frequencies=2).cuda()

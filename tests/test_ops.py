@@ -137,7 +137,8 @@ def test_the_ops_field_lists_the_operators_the_file_calls(tmp_path, use_efa, fus
     metadata = save_model_file(randomised_model(config), config, path, fused=fused)
     attention = {"efa::global_sum", "efa::attention_keys", "efa::attention_queries", "efa::mesh_spread",
                  "efa::mesh_gather"}
-    expected = {"efa::forward_ghosts", "efa::edge_message"} | (attention if use_efa else set())
+    # efa::cuda_kernels: whether the fused operators have CUDA kernels here (local.fused_kernels_on)
+    expected = {"efa::forward_ghosts", "efa::edge_message", "efa::cuda_kernels"} | (attention if use_efa else set())
     assert metadata["ops"] == sorted(code_operators(path)) == sorted(expected)
     module, read_back = load_model_file(path)
     assert read_back["ops"] == efa_deploy.ops.called_operators(module) == metadata["ops"]

@@ -6,5 +6,5 @@
 set -euo pipefail
 PY=$(command -v python3)
 EFA_CUDA=1 "$PY" lammps_plugin/build.py -j 16 > /tmp/efa_cuda_build.log 2>&1 || { tail -60 /tmp/efa_cuda_build.log; exit 1; }
-"$PY" -m pytest -q -x tests/test_cuda_ops.py tests/test_fused.py tests/test_fused_efa.py
+"$PY" -m pytest -q -x tests/test_cuda_ops.py tests/test_fused.py tests/test_fused_efa.py tests/test_gpu.py
 "$PY" benchmarks/cuda_kernels.py

@@ -28,6 +28,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.efa)
 from .erope import (contract_queries, padded_phases, padded_slots, shared_contract_queries, shared_phases,
                     shared_sum_keys_values, sum_keys_values)
 from .lebedev import lebedev_grid
+from .local import fused_kernels_on
 from .mesh import mesh_key_value_sums, mesh_query_contraction
 from .pairwise import pairwise_attention_reference, sinc_kernel
 
@@ -195,7 +196,8 @@ class EuclideanFastAttention(nn.Module):
         # ranks, stage 2 (queries contract the sums): erope.py. The fused operators recompute the
         # rotations in each stage; the reference shares one set of them (B, M, Nmax, 2, G).
         # The periodic form may run both stages on a k-space mesh instead (mesh.py, set by use_mesh).
-        fused = self.fused and positions.device.type == "cpu"
+        fused = self.fused and fused_kernels_on(positions)
+        fused_mesh = fused and positions.device.type == "cpu"  # the mesh steps have CPU kernels only
         on_mesh = False
         if reciprocal is None:
             omega, directions = self.omega, self.grid_points
@@ -214,7 +216,8 @@ class EuclideanFastAttention(nn.Module):
         else:
             trig = padded_phases(positions, omega, directions, slot, n_structures, n_max)
         if on_mesh:
-            kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh, fused=fused)
+            kv = mesh_key_value_sums(positions, k, v, owned, batch, n_structures, directions, self.mesh,
+                                     fused=fused_mesh)
         elif fused:
             kv = torch.ops.efa.attention_keys(positions, k, v, owned, batch, n_structures, omega, directions)
         elif shared:
@@ -224,7 +227,7 @@ class EuclideanFastAttention(nn.Module):
         kv = torch.ops.efa.global_sum(kv) * weights  # (B, M, G, 2D)
         if on_mesh:
             y = mesh_query_contraction(positions, q, kv, batch, directions, self.mesh, second_order=not self.fused,
-                                       fused=fused)
+                                       fused=fused_mesh)
         elif fused:
             y = torch.ops.efa.attention_queries(positions, q, kv, batch, omega, directions)
         elif shared:

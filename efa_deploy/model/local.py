@@ -10,6 +10,13 @@ from torch.nn.functional import linear
 from .. import ops  # noqa: F401  (registers torch.ops.efa)
 
 
+def fused_kernels_on(t: Tensor) -> bool:
+    """Whether the fused operators run on t's device: the CPU always, CUDA where the library has
+    the kernels of ops/cuda/ (built with EFA_CUDA=1: torch.ops.efa.cuda_kernels, asked at run
+    time, so that a model file exported anywhere uses them where they exist)."""
+    return t.device.type == "cpu" or torch.ops.efa.cuda_kernels(t)
+
+
 def radial_frequencies(num_radial: int, cutoff: float) -> Tensor:
     """n pi / rc for n = 1 .. num_radial (float64)."""
     return math.pi * torch.arange(1, num_radial + 1, dtype=torch.float64) / cutoff
@@ -50,9 +57,9 @@ class RadialBasis(nn.Module):
         return radial_basis(r, self.n_pi, self.cutoff)
 
     def geometry(self, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """edge_geometry of d; on the fused CPU path, where efa::edge_message makes them from d per
+        """edge_geometry of d; on the fused path, where efa::edge_message makes them from d per
         chunk of edges (no E x R tensor), the basis's frequencies n_pi (R,) and two empty tensors."""
-        if self.fused and d.device.type == "cpu":
+        if self.fused and fused_kernels_on(d):
             none = d.new_empty(0)
             return self.n_pi, none, none
         return edge_geometry(d, self.n_pi, self.cutoff)
@@ -116,7 +123,7 @@ class Message(nn.Module):
         unit: Tensor,
     ) -> tuple[Tensor, Tensor]:
         filter, weight, bias = self.filter_net(x), self.radial.weight, self.radial.bias
-        if self.fused and x.device.type == "cpu":
+        if self.fused and fused_kernels_on(x):
             return torch.ops.efa.edge_message(filter, vec, d, rbf, weight, bias, sender, receiver, self.cutoff)
         return message_passing(filter, vec, rbf, weight, bias, envelope, unit, sender, receiver)
 
