@@ -6,6 +6,7 @@
 
 #include "attention.h"
 #include "attention_steps.h"
+#include "edge_message.h"  // check_launch
 
 namespace efa {
 namespace cuda {
@@ -42,6 +43,7 @@ void attention_rows(const AttentionArgs<T> &a, int64_t start, int64_t count, T *
   const int64_t threads = count * a.channel_count * a.direction_count;
   if (threads == 0) return;
   rows_kernel<T><<<blocks_for(threads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(a, start, count, rows);
+  check_launch("efa::attention rows");
 }
 
 template <typename T>
@@ -51,6 +53,7 @@ void attention_rows_backward(const AttentionArgs<T> &a, int64_t start, int64_t c
   if (count == 0) return;
   rows_backward_kernel<T><<<blocks_for(count), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       a, start, count, grad_rows, g_channels, g_positions);
+  check_launch("efa::attention rows backward");
 }
 
 template void attention_rows<float>(const AttentionArgs<float> &, int64_t, int64_t, float *, void *);

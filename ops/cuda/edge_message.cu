@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "edge_message.h"
 #include "edge_message_steps.h"
@@ -77,6 +79,12 @@ void launch_shape(const EdgeMessageArgs<T> &a, bool backward, dim3 &grid, dim3 &
 
 }  // namespace
 
+void check_launch(const char *what)
+{
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) throw std::runtime_error(std::string(what) + ": CUDA launch failed: " + cudaGetErrorString(error));
+}
+
 template <typename T>
 void edge_message_forward(const EdgeMessageArgs<T> &a, T *dx, T *dv, void *stream)
 {
@@ -85,6 +93,7 @@ void edge_message_forward(const EdgeMessageArgs<T> &a, T *dx, T *dv, void *strea
   size_t bytes;
   launch_shape(a, false, grid, block, bytes);
   forward_kernel<T><<<grid, block, bytes, static_cast<cudaStream_t>(stream)>>>(a, dx, dv);
+  check_launch("efa::edge_message");
 }
 
 template <typename T>
@@ -97,6 +106,7 @@ void edge_message_backward(const EdgeMessageArgs<T> &a, const T *grad_dx, const 
   launch_shape(a, true, grid, block, bytes);
   backward_kernel<T><<<grid, block, bytes, static_cast<cudaStream_t>(stream)>>>(a, grad_dx, grad_dv, g_filter, g_vec,
                                                                                 g_d, g_radial, rbf);
+  check_launch("efa::edge_message_backward");
 }
 
 template void edge_message_forward<float>(const EdgeMessageArgs<float> &, float *, float *, void *);

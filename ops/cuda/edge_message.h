@@ -34,8 +34,12 @@ template <typename T>
 void edge_message_backward(const EdgeMessageArgs<T> &a, const T *grad_dx, const T *grad_dv, T *g_filter, T *g_vec,
                            T *g_d, T *g_radial, T *rbf, void *stream);
 
-// The largest feature count the kernels take (one thread per feature and edge in a block).
-constexpr int64_t kMaxFeatures = 1024;
+// The largest feature count the kernels take (one thread per feature and edge in a block; the
+// backward kernel's shared memory, about 7 F values per edge, stays within the default 48 KB).
+constexpr int64_t kMaxFeatures = 512;
+
+// Throws std::runtime_error naming `what` if the last kernel launch failed (edge_message.cu).
+void check_launch(const char *what);
 
 }  // namespace cuda
 }  // namespace efa
