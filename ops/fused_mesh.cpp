@@ -163,7 +163,7 @@ EFA_INLINE void stencil_block(const Stencil<T> &s, int64_t k2, int64_t k3, int o
   constexpr int W = sizeof(P) / sizeof(T);
   P zs[NP], g1[NP], g2[NP], g3[NP], sv[NP];
   for (int p = 0; p < NP; ++p) {
-    zs[p] = g1[p] = g2[p] = g3[p] = P{} ;
+    zs[p] = g1[p] = g2[p] = g3[p] = P{};
     if constexpr (Spread) sv[p] = load<P>(spread_values + c0 + p * W);
   }
   for (int i = 0; i < order; ++i) {
@@ -255,10 +255,9 @@ EFA_VECTOR_CLONES void stencil_pass(const T *u, const T *grid, const int64_t *of
 {
   for (const int64_t j : atoms) {
     const Stencil<T> s(u + 3 * j, mesh, order);
-    stencil_blocks<T, Gather, Spread, Dot>(s, mesh[1], mesh[2], order, offset[j], c, grid,
-                                                   Gather ? z + j * c : nullptr,
-                                                   Spread ? spread_values + j * c : nullptr, spread,
-                                                   Dot ? dot_with + j * c : nullptr, Dot ? gu + 3 * j : nullptr);
+    stencil_blocks<T, Gather, Spread, Dot>(s, mesh[1], mesh[2], order, offset[j], c, grid, Gather ? z + j * c : nullptr,
+                                           Spread ? spread_values + j * c : nullptr, spread,
+                                           Dot ? dot_with + j * c : nullptr, Dot ? gu + 3 * j : nullptr);
   }
 }
 

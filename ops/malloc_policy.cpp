@@ -72,22 +72,20 @@ bool huge_pages_offered()
   return read && (std::strstr(line, "[madvise]") != nullptr || std::strstr(line, "[always]") != nullptr);
 }
 
-bool advice_installed = false;
+// The wrapper, once per process where the kernel offers huge pages (it lives as long as the
+// process), else null.
+HugePageAdvice *advice = nullptr;
 
-// Wraps torch's CPU allocator once per process (the wrapper lives as long as the process).
 void advise_huge_pages()
 {
-  static const bool installed = [] {
-    if (!huge_pages_offered()) return false;
-    static HugePageAdvice advice(c10::GetCPUAllocator());
-    c10::SetCPUAllocator(&advice, /*priority=*/1);
-    return c10::GetCPUAllocator() == &advice;
-  }();
-  advice_installed = installed;
+  if (advice != nullptr || !huge_pages_offered()) return;
+  static HugePageAdvice wrapper(c10::GetCPUAllocator());
+  advice = &wrapper;
+  c10::SetCPUAllocator(advice, /*priority=*/1);
 }
 }  // namespace
 
-extern "C" int efa_huge_page_advice() { return advice_installed ? 1 : 0; }
+extern "C" int efa_huge_page_advice() { return advice != nullptr && c10::GetCPUAllocator() == advice ? 1 : 0; }
 
 extern "C" int efa_malloc_policy(const char *fallback)
 {

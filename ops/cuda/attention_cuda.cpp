@@ -8,7 +8,6 @@
 // Compiled only with EFA_CUDA (ops/CMakeLists.txt).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,6 +16,7 @@
 
 #include "../attention_checks.h"
 #include "attention.h"
+#include "torch_side.h"
 
 namespace efa {
 namespace {
@@ -25,18 +25,9 @@ using torch::Tensor;
 
 constexpr int64_t kChunkBytes = int64_t(64) << 20;  // one chunk's rows
 
-void *current_stream(const Tensor &t)
-{
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
-}
-
 void check_cuda(const char *op, const AttentionSizes &z, std::initializer_list<const Tensor *> tensors)
 {
-  const Tensor &first = **tensors.begin();
-  for (const Tensor *t : tensors) {
-    TORCH_CHECK(t->is_cuda() && t->device() == first.device(), op,
-                ": every input must be on the same CUDA device, got ", t->device(), " and ", first.device());
-  }
+  cuda::require_one_cuda_device(op, tensors);
   TORCH_CHECK(z.channels <= cuda::kMaxChannels, op, " on CUDA: at most ", cuda::kMaxChannels,
               " frequency channels, got ", z.channels);
 }
@@ -79,7 +70,7 @@ struct Stage {
         rows(std::max<int64_t>(1, std::min<int64_t>(z.atoms, kChunkBytes / std::max<int64_t>(1, z.width() * sizeof(T))))),
         chunks(chunks_of(op, batch, z.structures, rows)),
         buffer(at::empty({rows, z.width()}, positions.options())),
-        stream(current_stream(positions))
+        stream(cuda::current_stream(positions))
   {
   }
 

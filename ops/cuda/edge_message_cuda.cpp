@@ -1,10 +1,9 @@
 // efa::edge_message and efa::edge_message_backward for CUDA tensors: the CPU operator's checks
 // (message_checks.h), then the kernels of edge_message.cu on the inputs' device and its current
-// stream. Autograd is the CPU operator's (fused_message.cpp: its Autograd kernel calls these
-// two through the dispatcher). Compiled only with EFA_CUDA (ops/CMakeLists.txt).
+// stream (torch_side.h). Autograd is the CPU operator's (fused_message.cpp: its Autograd kernel
+// calls these two through the dispatcher). Compiled only with EFA_CUDA (ops/CMakeLists.txt).
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <array>
@@ -12,28 +11,19 @@
 
 #include "../message_checks.h"
 #include "edge_message.h"
+#include "torch_side.h"
 
 namespace efa {
 namespace {
 
 using torch::Tensor;
 
-void *current_stream(const Tensor &t)
-{
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
-}
-
 // The checks every CUDA call adds to the CPU operator's: one device, features within a block,
 // and (as the CPU loop checks per edge) edge ends that are atoms.
 void check_cuda(const Sizes &z, std::initializer_list<const Tensor *> tensors, const Tensor &sender,
                 const Tensor &receiver)
 {
-  const Tensor &first = **tensors.begin();
-  for (const Tensor *t : tensors) {
-    TORCH_CHECK(t->is_cuda() && t->device() == first.device(),
-                "efa::edge_message: every input must be on the same CUDA device, got ", t->device(), " and ",
-                first.device());
-  }
+  cuda::require_one_cuda_device("efa::edge_message", tensors);
   TORCH_CHECK(z.features <= cuda::kMaxFeatures, "efa::edge_message on CUDA: at most ", cuda::kMaxFeatures,
               " features, got ", z.features);
   if (z.edges == 0) return;
@@ -69,7 +59,7 @@ std::tuple<Tensor, Tensor> edge_message_cuda(const Tensor &filter_in, const Tens
   AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "efa::edge_message (CUDA)", [&] {
     cuda::edge_message_forward<scalar_t>(
         args_of<scalar_t>(z, filter, vec, d, n_pi, weight, bias, sender, receiver, cutoff), dx.data_ptr<scalar_t>(),
-        dv.data_ptr<scalar_t>(), current_stream(vec));
+        dv.data_ptr<scalar_t>(), cuda::current_stream(vec));
   });
   return {dx, dv};
 }
@@ -97,7 +87,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> edge_message_backward_cuda(
     cuda::edge_message_backward<scalar_t>(
         args_of<scalar_t>(z, filter, vec, d, n_pi, weight, bias, sender, receiver, cutoff),
         grad_dx.data_ptr<scalar_t>(), grad_dv.data_ptr<scalar_t>(), g_filter.data_ptr<scalar_t>(),
-        g_vec.data_ptr<scalar_t>(), pointer(g_d), pointer(g_radial), pointer(rbf), current_stream(vec));
+        g_vec.data_ptr<scalar_t>(), pointer(g_d), pointer(g_radial), pointer(rbf), cuda::current_stream(vec));
   });
   Tensor g_weight = output_mask[1] ? at::mm(g_radial.t(), rbf) : Tensor();
   Tensor g_bias = output_mask[2] ? g_radial.sum(0) : Tensor();
