@@ -717,43 +717,51 @@ void PairEFA::exchange_ghost_rows(torch::Tensor &rows, bool reverse)
   if (rows.dim() != 2 || rows.size(0) != ntotal || rows.size(1) > comm_forward)
     error->one(FLERR, "pair_style efa: ghost exchange of a {} tensor; expected {} rows of at most {} values",
                c10::str(rows.sizes()), ntotal, comm_forward);
-  torch::Tensor host = rows.to(torch::kCPU, torch::kFloat64).contiguous();
-  sync_rows_ = host.data_ptr<double>();
-  sync_width_ = static_cast<int>(host.size(1));
+  sync_rows_ = &rows;
+  sync_width_ = static_cast<int>(rows.size(1));
   if (reverse) {
     comm->reverse_comm(this, sync_width_);
-    host.narrow(0, nlocal, ntotal - nlocal).zero_();
+    rows.narrow(0, nlocal, ntotal - nlocal).zero_();
   } else {
     comm->forward_comm(this, sync_width_);
   }
   sync_rows_ = nullptr;
-  rows.copy_(host);
+}
+
+// A swap's list of atom indices, on the rows' device.
+torch::Tensor PairEFA::swap_rows(int n, const int *list) const
+{
+  return torch::from_blob(const_cast<int *>(list), {n}, torch::kInt32).to(sync_rows_->device(), torch::kInt64);
+}
+
+// LAMMPS's communication buffer seen as n rows of the exchange.
+torch::Tensor PairEFA::host_buffer(double *buf, int n) const
+{
+  return torch::from_blob(buf, {n, sync_width_}, torch::TensorOptions().dtype(torch::kFloat64));
 }
 
 int PairEFA::pack_forward_comm(int n, int *list, double *buf, int, int *)
 {
-  for (int i = 0; i < n; i++) std::memcpy(buf + i * sync_width_, sync_rows_ + list[i] * sync_width_,
-                                          sizeof(double) * sync_width_);
+  if (n > 0) host_buffer(buf, n).copy_(sync_rows_->index_select(0, swap_rows(n, list)));
   return n * sync_width_;
 }
 
 void PairEFA::unpack_forward_comm(int n, int first, double *buf)
 {
-  std::memcpy(sync_rows_ + first * sync_width_, buf, sizeof(double) * n * sync_width_);
+  if (n > 0) sync_rows_->narrow(0, first, n).copy_(host_buffer(buf, n));
 }
 
 int PairEFA::pack_reverse_comm(int n, int first, double *buf)
 {
-  std::memcpy(buf, sync_rows_ + first * sync_width_, sizeof(double) * n * sync_width_);
+  if (n > 0) host_buffer(buf, n).copy_(sync_rows_->narrow(0, first, n));
   return n * sync_width_;
 }
 
 void PairEFA::unpack_reverse_comm(int n, int *list, double *buf)
 {
-  for (int i = 0; i < n; i++) {
-    double *row = sync_rows_ + list[i] * sync_width_;
-    for (int k = 0; k < sync_width_; k++) row[k] += buf[i * sync_width_ + k];
-  }
+  if (n > 0)
+    sync_rows_->index_add_(0, swap_rows(n, list),
+                           host_buffer(buf, n).to(sync_rows_->device(), sync_rows_->scalar_type()));
 }
 
 // The creator that efa_plugin.cpp (the loader LAMMPS registers) looks up in this library.

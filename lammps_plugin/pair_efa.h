@@ -68,8 +68,12 @@ class PairEFA : public Pair {
   std::vector<int> type_to_species_;  // per LAMMPS type; -1 for NULL
   double energy_unit_;                // eV -> LAMMPS energy unit
 
-  double *sync_rows_;  // the rows being communicated, N x sync_width_, row-major
+  // the rows being communicated, N x sync_width_, on the model's device and in its dtype: each
+  // swap stages only the rows it sends or receives through LAMMPS's host buffers
+  torch::Tensor *sync_rows_;
   int sync_width_;
+  torch::Tensor swap_rows(int n, const int *list) const;
+  torch::Tensor host_buffer(double *buf, int n) const;
 
   void allocate();
   void load_model(const std::string &path);

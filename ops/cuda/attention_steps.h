@@ -13,6 +13,14 @@ namespace efa {
 namespace cuda {
 namespace steps {
 
+// conj(ch e^{i theta}) from c = cos(theta), s = sin(theta) and the channel ch = (re, im)
+template <typename T>
+EFA_STEP void conj_rotated(T c, T s, const T *ch, T &re, T &im)
+{
+  re = c * ch[0] - s * ch[1];
+  im = -(c * ch[1] + s * ch[0]);
+}
+
 // Row entry (m, g) of atom i, (re, im) into out[0..1]: conj(c_m e^{i theta}), theta = omega_m (u_g . r_i)
 template <typename T>
 EFA_STEP void coefficient(const AttentionArgs<T> &a, int64_t i, int64_t m, int64_t g, T *out)
@@ -21,10 +29,7 @@ EFA_STEP void coefficient(const AttentionArgs<T> &a, int64_t i, int64_t m, int64
   using std::sin;
   const T *r = a.positions + 3 * i, *u = a.directions + 3 * g;
   const T theta = a.omega[m] * (u[0] * r[0] + u[1] * r[1] + u[2] * r[2]);
-  const T c = cos(theta), s = sin(theta);
-  const T *ch = a.channels + 2 * (i * a.channel_count + m);
-  out[0] = c * ch[0] - s * ch[1];
-  out[1] = -(c * ch[1] + s * ch[0]);
+  conj_rotated(cos(theta), sin(theta), a.channels + 2 * (i * a.channel_count + m), out[0], out[1]);
 }
 
 // Atom i's channel and position gradients from its row's gradient grow (2MG): per channel
@@ -47,7 +52,8 @@ EFA_STEP void row_backward(const AttentionArgs<T> &a, int64_t i, const T *grow, 
       const T theta = a.omega[m] * p, c = cos(theta), s = sin(theta);
       const T *ch = a.channels + 2 * (i * mc + m);
       const T gre = grow[2 * (m * gc + g)], gim = grow[2 * (m * gc + g) + 1];
-      const T are = c * ch[0] - s * ch[1], aim = -(c * ch[1] + s * ch[0]);
+      T are, aim;
+      conj_rotated(c, s, ch, are, aim);
       sums[2 * m] += gre * c - gim * s;
       sums[2 * m + 1] -= gre * s + gim * c;
       gp += a.omega[m] * (gre * aim - gim * are);
