@@ -273,11 +273,9 @@ def ship_float32(model_path: Path) -> dict:
     differences of energies (per atom) and forces on the test set, and LAMMPS NVE drift in both."""
     import tempfile
 
-    import torch
-
-    from efa_deploy.data import GraphDataset, load_structures
-    from efa_deploy.metrics import error_summary, predict
     from efa_deploy.modelfile import load_model_file, rebuild_model, save_model_file
+    from efa_deploy.training.data import GraphDataset, load_structures
+    from efa_deploy.training.metrics import error_summary, predict
 
     models = {dtype: rebuild_model(model_path, dtype) for dtype in ("float64", "float32")}
     _, config, metadata = models["float64"]
@@ -292,7 +290,7 @@ def ship_float32(model_path: Path) -> dict:
             files[dtype] = Path(tmp) / f"{dtype}.pt"
             save_model_file(model, config, files[dtype], provenance)
             module, meta = load_model_file(files[dtype])
-            dataset = GraphDataset(test, meta["atomic_numbers"], meta["cutoff"], getattr(torch, dtype))
+            dataset = GraphDataset.for_model(test, meta)
             predictions[dtype] = predict(module, dataset, 32)
             cost[f"{dtype}_test"] = error_summary(predictions[dtype])
             cost[f"{dtype}_nve"] = nve_drift(files[dtype], structure)
