@@ -490,7 +490,9 @@ void PairEFA::compute(int eflag, int vflag)
     owned[i] = (i < nlocal && s >= 0) ? 1.0 : 0.0;
   }
 
-  std::vector<int64_t> edges;  // sender (neighbour j) then receiver (owned i), interleaved
+  std::vector<int64_t> &edges = edge_pairs_;
+  edges.clear();
+  const double *xs = x[0];  // atom->x is one contiguous N x 3 block
   const double cut2 = cutoff_ * cutoff_;
   double closest_r2 = std::numeric_limits<double>::infinity();  // the closest pair, named if results are not finite
   int closest_i = -1, closest_j = -1;
@@ -498,12 +500,13 @@ void PairEFA::compute(int eflag, int vflag)
     const int i = list->ilist[ii];
     if (type_to_species_[type[i]] < 0) continue;
     const int *jlist = list->firstneigh[i];
+    const double *xi = xs + 3 * i;
     for (int jj = 0; jj < list->numneigh[i]; jj++) {
       const int j = jlist[jj] & NEIGHMASK;
-      if (type_to_species_[type[j]] < 0) continue;
-      const double dx = x[j][0] - x[i][0], dy = x[j][1] - x[i][1], dz = x[j][2] - x[i][2];
+      const double *xj = xs + 3 * j;
+      const double dx = xj[0] - xi[0], dy = xj[1] - xi[1], dz = xj[2] - xi[2];
       const double r2 = dx * dx + dy * dy + dz * dz;
-      if (r2 < cut2) {
+      if (r2 < cut2 && type_to_species_[type[j]] >= 0) {
         edges.push_back(j);
         edges.push_back(i);
         if (r2 < closest_r2) {
@@ -546,7 +549,7 @@ void PairEFA::compute(int eflag, int vflag)
       }
     }
     torch::Tensor species_t = torch::from_blob(species.data(), {ntotal}, cpu_long).to(device_, false, true);
-    torch::Tensor edge_index = torch::from_blob(edges.data(), {nedges, 2}, cpu_long).t().to(device_, false, true);
+    torch::Tensor edge_index = torch::from_blob(edges.data(), {nedges, 2}, cpu_long).t().to(device_);
     torch::Tensor edge_shift = torch::zeros({nedges, 3}, on_device);
     torch::Tensor batch = torch::zeros({ntotal}, torch::TensorOptions().dtype(torch::kInt64).device(device_));
     torch::Tensor owned_t = torch::from_blob(owned.data(), {ntotal}, cpu_double).to(on_device, false, true);

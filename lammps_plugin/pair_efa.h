@@ -68,6 +68,10 @@ class PairEFA : public Pair {
   std::vector<int> type_to_species_;  // per LAMMPS type; -1 for NULL
   double energy_unit_;                // eV -> LAMMPS energy unit
 
+  // this step's edges, sender (neighbour j) then receiver (owned i), interleaved; kept across
+  // steps so that building them reuses the memory (a fresh vector cost twice the time)
+  std::vector<int64_t> edge_pairs_;
+
   // the rows being communicated, N x sync_width_, on the model's device and in its dtype: each
   // swap stages only the rows it sends or receives through LAMMPS's host buffers
   torch::Tensor *sync_rows_;
