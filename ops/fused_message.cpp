@@ -449,20 +449,20 @@ struct Geometry {
   }
 };
 
-std::tuple<Tensor, Tensor> edge_message_cpu(const Tensor &filter_in, const Tensor &vec_in, const Tensor &d_in,
-                                            const Tensor &n_pi_in, const Tensor &weight, const Tensor &bias,
-                                            const Tensor &sender_in, const Tensor &receiver_in, double cutoff)
+std::tuple<Tensor, Tensor> edge_message_cpu(const Tensor &filter, const Tensor &vec, const Tensor &d,
+                                            const Tensor &n_pi, const Tensor &weight, const Tensor &bias,
+                                            const Tensor &sender, const Tensor &receiver, double cutoff)
 {
-  const Sizes z = check_edge_inputs(filter_in, vec_in, d_in, n_pi_in, weight, bias, sender_in, receiver_in);
-  const Tensor filter = filter_in.contiguous(), vec = vec_in.contiguous(), d = d_in.contiguous();
-  const Tensor n_pi = n_pi_in.contiguous(), sender = sender_in.contiguous(), receiver = receiver_in.contiguous();
-  Tensor dx = at::zeros({z.atoms, z.features}, vec.options());
-  Tensor dv = at::zeros({z.atoms, 3, z.features}, vec.options());
+  const EdgeInputs in = contiguous_edge_inputs(filter, vec, d, n_pi, weight, bias, sender, receiver);
+  const Sizes &z = in.z;
+  Tensor dx = at::zeros({z.atoms, z.features}, in.vec.options());
+  Tensor dv = at::zeros({z.atoms, 3, z.features}, in.vec.options());
   if (z.edges == 0) return {dx, dv};
-  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "efa::edge_message", [&] {
-    Geometry<scalar_t> geometry(d, n_pi, weight, bias, cutoff, std::min(kChunk, z.edges));
+  AT_DISPATCH_FLOATING_TYPES(in.vec.scalar_type(), "efa::edge_message", [&] {
+    Geometry<scalar_t> geometry(in.d, in.n_pi, in.weight, in.bias, cutoff, std::min(kChunk, z.edges));
     with_feature_count(z.features, [&](auto fc) {
-      forward_edges<scalar_t, decltype(fc)::value>("efa::edge_message", z, filter, vec, sender, receiver, dx, dv,
+      forward_edges<scalar_t, decltype(fc)::value>("efa::edge_message", z, in.filter, in.vec, in.sender, in.receiver,
+                                                   dx, dv,
                                                    [&](int64_t e0, int64_t rows) { return geometry.make(e0, rows); });
     });
   });
@@ -473,24 +473,24 @@ using EdgeGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 // Gradients of (filter, vec, d, weight, bias); output_mask says which of d, weight, bias are
 // wanted (the others are undefined tensors).
-EdgeGrads edge_message_backward_cpu(const Tensor &grad_dx_in, const Tensor &grad_dv_in, const Tensor &filter_in,
-                                    const Tensor &vec_in, const Tensor &d_in, const Tensor &n_pi_in,
-                                    const Tensor &weight, const Tensor &bias, const Tensor &sender_in,
-                                    const Tensor &receiver_in, double cutoff, std::array<bool, 3> output_mask)
+EdgeGrads edge_message_backward_cpu(const Tensor &grad_dx_in, const Tensor &grad_dv_in, const Tensor &filter,
+                                    const Tensor &vec, const Tensor &d, const Tensor &n_pi, const Tensor &weight,
+                                    const Tensor &bias, const Tensor &sender, const Tensor &receiver, double cutoff,
+                                    std::array<bool, 3> output_mask)
 {
-  const Sizes z = check_edge_inputs(filter_in, vec_in, d_in, n_pi_in, weight, bias, sender_in, receiver_in);
+  const EdgeInputs in = contiguous_edge_inputs(filter, vec, d, n_pi, weight, bias, sender, receiver);
+  const Sizes &z = in.z;
   const Tensor grad_dx = grad_dx_in.contiguous(), grad_dv = grad_dv_in.contiguous();
-  const Tensor filter = filter_in.contiguous(), vec = vec_in.contiguous(), d = d_in.contiguous();
-  const Tensor n_pi = n_pi_in.contiguous(), sender = sender_in.contiguous(), receiver = receiver_in.contiguous();
-  Tensor g_filter = at::zeros_like(filter), g_vec = at::zeros_like(vec);
-  Tensor g_d = output_mask[0] ? at::zeros_like(d) : Tensor();
-  Tensor g_weight = output_mask[1] ? at::zeros_like(weight) : Tensor();
-  Tensor g_bias = output_mask[2] ? at::zeros_like(bias) : Tensor();
+  Tensor g_filter = at::zeros_like(in.filter), g_vec = at::zeros_like(in.vec);
+  Tensor g_d = output_mask[0] ? at::zeros_like(in.d) : Tensor();
+  Tensor g_weight = output_mask[1] ? at::zeros_like(in.weight) : Tensor();
+  Tensor g_bias = output_mask[2] ? at::zeros_like(in.bias) : Tensor();
   if (z.edges > 0) {
-    AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "efa::edge_message_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES(in.vec.scalar_type(), "efa::edge_message_backward", [&] {
       const int64_t rows_max = std::min(kChunk, z.edges);
-      Geometry<scalar_t> geometry(d, n_pi, weight, bias, cutoff, rows_max);
-      Tensor g_basis = at::empty({rows_max, z.radial}, d.options()), g_length = at::empty({rows_max}, d.options());
+      Geometry<scalar_t> geometry(in.d, in.n_pi, in.weight, in.bias, cutoff, rows_max);
+      Tensor g_basis = at::empty({rows_max, z.radial}, in.d.options());
+      Tensor g_length = at::empty({rows_max}, in.d.options());
       const auto chunk = [&](int64_t e0, int64_t rows) { return geometry.make(e0, rows); };
       const auto finish = [&](int64_t e0, int64_t rows, const Tensor &gr, const Tensor &s) {
         if (g_weight.defined()) g_weight.addmm_(gr.t(), geometry.rbf.narrow(0, 0, rows));
@@ -498,8 +498,8 @@ EdgeGrads edge_message_backward_cpu(const Tensor &grad_dx_in, const Tensor &grad
         if (g_d.defined()) geometry.backward(e0, rows, gr, s, g_basis, g_length, g_d.data_ptr<scalar_t>());
       };
       with_feature_count(z.features, [&](auto fc) {
-        backward_edges<scalar_t, decltype(fc)::value>(z, grad_dx, grad_dv, filter, vec, sender, receiver, g_filter,
-                                                      g_vec, chunk, finish);
+        backward_edges<scalar_t, decltype(fc)::value>(z, grad_dx, grad_dv, in.filter, in.vec, in.sender,
+                                                      in.receiver, g_filter, g_vec, chunk, finish);
       });
     });
   }
@@ -581,6 +581,22 @@ Sizes check_edge_inputs(const Tensor &filter, const Tensor &vec, const Tensor &d
   TORCH_CHECK(n_pi.dim() == 1, "efa::edge_message: n_pi must be (R,), got ", n_pi.sizes());
   return check_layer("efa::edge_message", filter, vec, d.size(0), n_pi.size(0), weight, bias, sender, receiver,
                      {&filter, &d, &n_pi, &weight, &bias});
+}
+
+EdgeInputs contiguous_edge_inputs(const Tensor &filter, const Tensor &vec, const Tensor &d, const Tensor &n_pi,
+                                  const Tensor &weight, const Tensor &bias, const Tensor &sender,
+                                  const Tensor &receiver)
+{
+  const Sizes z = check_edge_inputs(filter, vec, d, n_pi, weight, bias, sender, receiver);
+  return {z,
+          filter.contiguous(),
+          vec.contiguous(),
+          d.contiguous(),
+          n_pi.contiguous(),
+          weight.contiguous(),
+          bias.contiguous(),
+          sender.contiguous(),
+          receiver.contiguous()};
 }
 
 // The schemas must match efa_deploy/ops.py (MESSAGE_SCHEMA, EDGE_MESSAGE_SCHEMA: the pure-torch registrations).

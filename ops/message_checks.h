@@ -15,4 +15,14 @@ Sizes check_edge_inputs(const torch::Tensor &filter, const torch::Tensor &vec, c
                         const torch::Tensor &n_pi, const torch::Tensor &weight, const torch::Tensor &bias,
                         const torch::Tensor &sender, const torch::Tensor &receiver);
 
+// efa::edge_message's inputs, checked (check_edge_inputs) and contiguous: what each of its
+// kernels, CPU and CUDA, forward and backward, reads.
+struct EdgeInputs {
+  Sizes z;
+  torch::Tensor filter, vec, d, n_pi, weight, bias, sender, receiver;
+};
+EdgeInputs contiguous_edge_inputs(const torch::Tensor &filter, const torch::Tensor &vec, const torch::Tensor &d,
+                                  const torch::Tensor &n_pi, const torch::Tensor &weight, const torch::Tensor &bias,
+                                  const torch::Tensor &sender, const torch::Tensor &receiver);
+
 }  // namespace efa

@@ -34,60 +34,55 @@ void check_cuda(const Sizes &z, std::initializer_list<const Tensor *> tensors, c
 }
 
 template <typename T>
-cuda::EdgeMessageArgs<T> args_of(const Sizes &z, const Tensor &filter, const Tensor &vec, const Tensor &d,
-                                 const Tensor &n_pi, const Tensor &weight, const Tensor &bias, const Tensor &sender,
-                                 const Tensor &receiver, double cutoff)
+cuda::EdgeMessageArgs<T> args_of(const EdgeInputs &in, double cutoff)
 {
-  return {filter.data_ptr<T>(), vec.data_ptr<T>(),      d.data_ptr<T>(),         n_pi.data_ptr<T>(),
-          weight.data_ptr<T>(), bias.data_ptr<T>(),     sender.data_ptr<int64_t>(), receiver.data_ptr<int64_t>(),
-          z.atoms,              z.edges,                z.features,              z.radial,
-          static_cast<T>(cutoff)};
+  const Sizes &z = in.z;
+  return {in.filter.data_ptr<T>(), in.vec.data_ptr<T>(),   in.d.data_ptr<T>(),  in.n_pi.data_ptr<T>(),
+          in.weight.data_ptr<T>(), in.bias.data_ptr<T>(), in.sender.data_ptr<int64_t>(),
+          in.receiver.data_ptr<int64_t>(), z.atoms, z.edges, z.features, z.radial, static_cast<T>(cutoff)};
 }
 
-std::tuple<Tensor, Tensor> edge_message_cuda(const Tensor &filter_in, const Tensor &vec_in, const Tensor &d_in,
-                                             const Tensor &n_pi_in, const Tensor &weight_in, const Tensor &bias_in,
-                                             const Tensor &sender_in, const Tensor &receiver_in, double cutoff)
+std::tuple<Tensor, Tensor> edge_message_cuda(const Tensor &filter, const Tensor &vec, const Tensor &d,
+                                             const Tensor &n_pi, const Tensor &weight, const Tensor &bias,
+                                             const Tensor &sender, const Tensor &receiver, double cutoff)
 {
-  const Sizes z = check_edge_inputs(filter_in, vec_in, d_in, n_pi_in, weight_in, bias_in, sender_in, receiver_in);
-  const Tensor filter = filter_in.contiguous(), vec = vec_in.contiguous(), d = d_in.contiguous();
-  const Tensor n_pi = n_pi_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
-  const Tensor sender = sender_in.contiguous(), receiver = receiver_in.contiguous();
-  check_cuda(z, {&filter, &vec, &d, &n_pi, &weight, &bias, &sender, &receiver}, sender, receiver);
-  const c10::DeviceGuard guard(vec.device());
-  Tensor dx = at::zeros({z.atoms, z.features}, vec.options());
-  Tensor dv = at::zeros({z.atoms, 3, z.features}, vec.options());
-  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "efa::edge_message (CUDA)", [&] {
-    cuda::edge_message_forward<scalar_t>(
-        args_of<scalar_t>(z, filter, vec, d, n_pi, weight, bias, sender, receiver, cutoff), dx.data_ptr<scalar_t>(),
-        dv.data_ptr<scalar_t>(), cuda::current_stream(vec));
+  const EdgeInputs in = contiguous_edge_inputs(filter, vec, d, n_pi, weight, bias, sender, receiver);
+  const Sizes &z = in.z;
+  check_cuda(z, {&in.filter, &in.vec, &in.d, &in.n_pi, &in.weight, &in.bias, &in.sender, &in.receiver}, in.sender,
+             in.receiver);
+  const c10::DeviceGuard guard(in.vec.device());
+  Tensor dx = at::zeros({z.atoms, z.features}, in.vec.options());
+  Tensor dv = at::zeros({z.atoms, 3, z.features}, in.vec.options());
+  AT_DISPATCH_FLOATING_TYPES(in.vec.scalar_type(), "efa::edge_message (CUDA)", [&] {
+    cuda::edge_message_forward<scalar_t>(args_of<scalar_t>(in, cutoff), dx.data_ptr<scalar_t>(),
+                                         dv.data_ptr<scalar_t>(), cuda::current_stream(in.vec));
   });
   return {dx, dv};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> edge_message_backward_cuda(
-    const Tensor &grad_dx_in, const Tensor &grad_dv_in, const Tensor &filter_in, const Tensor &vec_in,
-    const Tensor &d_in, const Tensor &n_pi_in, const Tensor &weight_in, const Tensor &bias_in, const Tensor &sender_in,
-    const Tensor &receiver_in, double cutoff, std::array<bool, 3> output_mask)
+    const Tensor &grad_dx_in, const Tensor &grad_dv_in, const Tensor &filter, const Tensor &vec, const Tensor &d,
+    const Tensor &n_pi, const Tensor &weight, const Tensor &bias, const Tensor &sender, const Tensor &receiver,
+    double cutoff, std::array<bool, 3> output_mask)
 {
-  const Sizes z = check_edge_inputs(filter_in, vec_in, d_in, n_pi_in, weight_in, bias_in, sender_in, receiver_in);
+  const EdgeInputs in = contiguous_edge_inputs(filter, vec, d, n_pi, weight, bias, sender, receiver);
+  const Sizes &z = in.z;
   const Tensor grad_dx = grad_dx_in.contiguous(), grad_dv = grad_dv_in.contiguous();
-  const Tensor filter = filter_in.contiguous(), vec = vec_in.contiguous(), d = d_in.contiguous();
-  const Tensor n_pi = n_pi_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
-  const Tensor sender = sender_in.contiguous(), receiver = receiver_in.contiguous();
-  check_cuda(z, {&filter, &vec, &d, &n_pi, &weight, &bias, &sender, &receiver, &grad_dx, &grad_dv}, sender,
-             receiver);
-  const c10::DeviceGuard guard(vec.device());
-  Tensor g_filter = at::zeros_like(filter), g_vec = at::zeros_like(vec);
-  Tensor g_d = output_mask[0] ? at::zeros_like(d) : Tensor();
+  check_cuda(z, {&in.filter, &in.vec, &in.d, &in.n_pi, &in.weight, &in.bias, &in.sender, &in.receiver, &grad_dx,
+                 &grad_dv},
+             in.sender, in.receiver);
+  const c10::DeviceGuard guard(in.vec.device());
+  Tensor g_filter = at::zeros_like(in.filter), g_vec = at::zeros_like(in.vec);
+  Tensor g_d = output_mask[0] ? at::zeros_like(in.d) : Tensor();
   const bool radial = output_mask[1] || output_mask[2];
-  Tensor g_radial = radial ? at::empty({z.edges, 3 * z.features}, vec.options()) : Tensor();
-  Tensor rbf = output_mask[1] ? at::empty({z.edges, z.radial}, vec.options()) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES(vec.scalar_type(), "efa::edge_message_backward (CUDA)", [&] {
+  Tensor g_radial = radial ? at::empty({z.edges, 3 * z.features}, in.vec.options()) : Tensor();
+  Tensor rbf = output_mask[1] ? at::empty({z.edges, z.radial}, in.vec.options()) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES(in.vec.scalar_type(), "efa::edge_message_backward (CUDA)", [&] {
     const auto pointer = [](Tensor &t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-    cuda::edge_message_backward<scalar_t>(
-        args_of<scalar_t>(z, filter, vec, d, n_pi, weight, bias, sender, receiver, cutoff),
-        grad_dx.data_ptr<scalar_t>(), grad_dv.data_ptr<scalar_t>(), g_filter.data_ptr<scalar_t>(),
-        g_vec.data_ptr<scalar_t>(), pointer(g_d), pointer(g_radial), pointer(rbf), cuda::current_stream(vec));
+    cuda::edge_message_backward<scalar_t>(args_of<scalar_t>(in, cutoff), grad_dx.data_ptr<scalar_t>(),
+                                          grad_dv.data_ptr<scalar_t>(), g_filter.data_ptr<scalar_t>(),
+                                          g_vec.data_ptr<scalar_t>(), pointer(g_d), pointer(g_radial), pointer(rbf),
+                                          cuda::current_stream(in.vec));
   });
   Tensor g_weight = output_mask[1] ? at::mm(g_radial.t(), rbf) : Tensor();
   Tensor g_bias = output_mask[2] ? g_radial.sum(0) : Tensor();
